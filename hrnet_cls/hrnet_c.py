@@ -1,0 +1,596 @@
+"""HRNet-C: high-resolution networks with the cascaded bottleneck classification head.
+
+Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition"
+(TPAMI 2020, arXiv 1908.07919), Appendix B. The architecture and the variant table are
+in SPEC.md sections 1-2. The state-dict layout equals the authors' classification code and
+timm's ``hrnet_wXX`` (``conv1, bn1, conv2, bn2, layer1, transition1..3, stage2..4,
+incre_modules, downsamp_modules, final_layer, classifier``), so their checkpoints load.
+
+Compared with timm's ``hrnet.py`` this one adds stochastic depth, gradient checkpointing
+(exact: BN running stats are not updated twice), TorchScript, inputs whose side is not a
+multiple of 32, and a cheaper fuse (nearest upsampling is folded into the sum instead of
+materialising the upsampled tensor).
+"""
+import logging
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, create_classifier
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._registry import _model_entrypoints
+
+from .recompute import checkpoint_module
+
+__all__ = ['HighResolutionNetC', 'HRNetCfg', 'STEM_STRIDE']
+
+_BN_MOMENTUM = 0.1
+_logger = logging.getLogger(__name__)
+STEM_STRIDE = 4  # two stride-2 convs before the first stream
+
+
+@dataclass(frozen=True)
+class HRNetCfg:
+    """One variant. Widths are the residual units' inner widths (NUM_CHANNELS)."""
+    block: str  # 'basic' or 'bottleneck' in stages 2-4
+    widths: Tuple[int, int, int, int]  # inner width per stream
+    num_modules: Tuple[int, int, int] = (1, 4, 3)  # HR modules in stages 2, 3, 4
+    num_units: int = 4  # residual units per stream per module
+    stem_width: int = 64
+    stage1_width: int = 64  # bottleneck inner width of stage 1 (expansion 4)
+    stage1_units: int = 4
+    head_widths: Tuple[int, int, int, int] = (32, 64, 128, 256)  # incre bottleneck inner widths
+    num_features: int = 2048  # width of the final 1x1 conv
+
+
+def _small(widths: Tuple[int, ...], stage1_width: int, stage1_units: int, num_modules: Tuple[int, ...]) -> HRNetCfg:
+    return HRNetCfg('basic', widths, num_modules, 2, stage1_width=stage1_width, stage1_units=stage1_units)
+
+
+# The one table of variants (SPEC.md section 2). Frozen dataclasses: overrides copy, never mutate.
+MODEL_CFGS: Dict[str, HRNetCfg] = {
+    'hrnet_w18_c': HRNetCfg('basic', (18, 36, 72, 144)),
+    'hrnet_w30_c': HRNetCfg('basic', (30, 60, 120, 240)),
+    'hrnet_w32_c': HRNetCfg('basic', (32, 64, 128, 256)),
+    'hrnet_w40_c': HRNetCfg('basic', (40, 80, 160, 320)),
+    'hrnet_w48_c': HRNetCfg('basic', (48, 96, 192, 384)),
+    'hrnet_w64_c': HRNetCfg('basic', (64, 128, 256, 512)),
+    'hrnet_w44_c': HRNetCfg('bottleneck', (11, 22, 44, 88)),
+    'hrnet_w76_c': HRNetCfg('bottleneck', (19, 38, 76, 152)),
+    'hrnet_w96_c': HRNetCfg('bottleneck', (24, 48, 96, 192)),
+    'hrnet_w44_c_basic': HRNetCfg('basic', (44, 88, 176, 352)),
+    'hrnet_w18_small_c': _small((16, 32, 64, 128), 32, 1, (1, 1, 1)),
+    'hrnet_w18_small_v2_c': _small((18, 36, 72, 144), 64, 2, (1, 3, 2)),
+    # A small (0.6M parameters at 10 classes) member for fast CPU tests and the bundled demo.
+    'hrnet_tiny_c': HRNetCfg(
+        'basic', (4, 8, 16, 32), (1, 1, 1), 1, stem_width=16, stage1_width=8, stage1_units=1,
+        head_widths=(8, 16, 32, 64), num_features=256),
+}
+
+
+def _conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False, act: bool = True) -> nn.Sequential:
+    layers: List[nn.Module] = [
+        nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, bias=bias),
+        nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM),
+    ]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs; key names as timm's/the authors' BasicBlock."""
+    expansion = 1
+
+    def __init__(self, in_chs: int, width: int, drop_path: float = 0.0):
+        super().__init__()
+        out_chs = width * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(width, out_chs, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM)
+        self.downsample = _projection(in_chs, out_chs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.downsample(x)
+        x = F.relu_(self.bn1(self.conv1(x)))
+        x = self.drop_path(self.bn2(self.conv2(x)))
+        return F.relu_(x + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand (x4); key names as timm's/the authors' Bottleneck."""
+    expansion = 4
+
+    def __init__(self, in_chs: int, width: int, drop_path: float = 0.0):
+        super().__init__()
+        out_chs = width * self.expansion
+        self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
+        self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM)
+        self.downsample = _projection(in_chs, out_chs)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.downsample(x)
+        x = F.relu_(self.bn1(self.conv1(x)))
+        x = F.relu_(self.bn2(self.conv2(x)))
+        x = self.drop_path(self.bn3(self.conv3(x)))
+        return F.relu_(x + shortcut)
+
+
+def _projection(in_chs: int, out_chs: int) -> nn.Module:
+    """1x1 conv + BN shortcut where the width changes, identity elsewhere."""
+    if in_chs == out_chs:
+        return nn.Identity()
+    return _conv_bn(in_chs, out_chs, 1, act=False)
+
+
+BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
+
+
+def _units(block: type, in_chs: int, width: int, n: int, drop_path: List[float]) -> nn.Sequential:
+    """n residual units; the first one projects in_chs to width * expansion."""
+    units = []
+    for i in range(n):
+        units.append(block(in_chs, width, drop_path[i]))
+        in_chs = width * block.expansion
+    return nn.Sequential(*units)
+
+
+def _upsample_add(y: torch.Tensor, low: torch.Tensor, scale: int) -> torch.Tensor:
+    """y + nearest_upsample(low, scale) without materialising the upsampled tensor."""
+    b, c, h, w = y.shape
+    lh, lw = low.shape[-2:]
+    if lh * scale != h or lw * scale != w:
+        # input side not a multiple of 32: nearest interpolation to y's exact size
+        return y + F.interpolate(low, size=(h, w), mode='nearest')
+    # (B, C, lh, s, lw, s) + (B, C, lh, 1, lw, 1) broadcast
+    y6 = y.reshape(b, c, lh, scale, lw, scale) + low.reshape(b, c, lh, 1, lw, 1)
+    return y6.reshape(b, c, h, w)
+
+
+class HRModule(nn.Module):
+    """Parallel residual streams, then the fuse: out_i = ReLU(sum_j a(x_j -> i))."""
+
+    def __init__(self, block: type, chs: List[int], widths: List[int], num_units: int, drop_path: List[float]):
+        super().__init__()
+        n = len(chs)
+        self.branches = nn.ModuleList(
+            [_units(block, chs[i], widths[i], num_units, drop_path) for i in range(n)])
+        out = [w * block.expansion for w in widths]
+        self.fuse_layers = nn.ModuleList([
+            nn.ModuleList([self._fuse_path(out, j, i) for j in range(n)]) for i in range(n)])
+
+    @staticmethod
+    def _fuse_path(chs: List[int], j: int, i: int) -> nn.Module:
+        if j == i:
+            return nn.Identity()
+        if j > i:  # lower resolution: 1x1 conv + BN here, upsampling happens in the sum
+            return _conv_bn(chs[j], chs[i], 1, act=False)
+        # higher resolution: (i - j) stride-2 3x3 convs, ReLU between them, not after the last
+        convs = [_conv_bn(chs[j], chs[j], 3, 2) for _ in range(i - j - 1)]
+        convs.append(_conv_bn(chs[j], chs[i], 3, 2, act=False))
+        return nn.Sequential(*convs)
+
+    def _fuse(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
+        for i, row in enumerate(self.fuse_layers):
+            y: Optional[torch.Tensor] = None
+            for j, path in enumerate(row):  # summed in j order, as the reference implementations do
+                t = path(x[j])
+                if y is None:
+                    y = t
+                elif j > i:
+                    y = _upsample_add(y, t, 1 << (j - i))
+                else:
+                    y = y + t
+            assert y is not None
+            out.append(F.relu_(y))  # y is a fresh sum (>= 2 streams), never an input
+        return out
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        y: List[torch.Tensor] = []
+        for i, branch in enumerate(self.branches):
+            y.append(branch(x[i]))
+        return self._fuse(y)
+
+
+class CheckpointSeq(nn.Sequential):
+    """Sequential whose children are recomputed in backward when grad_checkpointing is on."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__(*modules)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_module(m, x)
+            else:
+                x = m(x)
+        return x
+
+
+class HRStage(nn.Sequential):
+    """HR modules in sequence over the list of streams (B, C_i, H/2^i, W/2^i)."""
+
+    def __init__(self, *modules: nn.Module):
+        super().__init__(*modules)
+        self.grad_checkpointing = False
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        for m in self:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_module(m, x)
+            else:
+                x = m(x)
+        return x
+
+
+class Transition(nn.ModuleList):
+    """Adapt widths of existing streams (3x3 conv) and spawn the new one from the last stream."""
+
+    def __init__(self, prev: List[int], cur: List[int]):
+        layers: List[nn.Module] = []
+        for i, chs in enumerate(cur):
+            if i < len(prev):
+                layers.append(nn.Identity() if prev[i] == chs else _conv_bn(prev[i], chs, 3))
+            else:  # a new, lower-resolution stream: stride-2 convs from the lowest existing one
+                n = i + 1 - len(prev)
+                layers.append(nn.Sequential(
+                    *[_conv_bn(prev[-1], chs if k == n - 1 else prev[-1], 3, 2) for k in range(n)]))
+        super().__init__(layers)
+
+    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
+        out: List[torch.Tensor] = []
+        for i, layer in enumerate(self):
+            out.append(layer(x[i] if i < len(x) else x[-1]))
+        return out
+
+
+class HighResolutionNetC(nn.Module):
+    """HRNet with four streams at 1/4..1/32 and the cascaded bottleneck ("C") head."""
+
+    def __init__(
+            self,
+            cfg: HRNetCfg,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        _check_args(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        block = BLOCKS[cfg.block]
+        depth = cfg.stage1_units + sum(cfg.num_modules) * cfg.num_units
+        dpr = [drop_path_rate * d / max(depth - 1, 1) for d in range(depth)]  # linear in depth
+
+        # stem: two stride-2 3x3 convs, (B, 3, H, W) -> (B, stem, H/4, W/4)
+        self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cfg.stem_width, momentum=_BN_MOMENTUM)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cfg.stem_width, cfg.stem_width, 3, 2, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cfg.stem_width, momentum=_BN_MOMENTUM)
+        self.act2 = nn.ReLU(inplace=True)
+        self.layer1 = CheckpointSeq(*_units(Bottleneck, cfg.stem_width, cfg.stage1_width, cfg.stage1_units, dpr))
+        d = cfg.stage1_units
+
+        chs = [cfg.stage1_width * Bottleneck.expansion]
+        for s, n_modules in enumerate(cfg.num_modules):
+            widths = list(cfg.widths[:s + 2])
+            new_chs = [w * block.expansion for w in widths]
+            setattr(self, f'transition{s + 1}', Transition(chs, new_chs))
+            modules = []
+            for _ in range(n_modules):
+                modules.append(HRModule(block, new_chs, widths, cfg.num_units, dpr[d:d + cfg.num_units]))
+                d += cfg.num_units
+            setattr(self, f'stage{s + 2}', HRStage(*modules))
+            chs = new_chs
+
+        # head: incre bottleneck per stream, then cascade down to 1/32 and a 1x1 conv
+        head = [w * Bottleneck.expansion for w in cfg.head_widths]
+        self.incre_modules = nn.ModuleList(
+            [CheckpointSeq(*_units(Bottleneck, chs[i], cfg.head_widths[i], 1, [0.0])) for i in range(4)])
+        self.downsamp_modules = nn.ModuleList([_conv_bn(head[i], head[i + 1], 3, 2, bias=True) for i in range(3)])
+        self.final_layer = _conv_bn(head[3], cfg.num_features, 1, bias=True)
+        self.num_features = self.head_hidden_size = cfg.num_features
+        self.global_pool, self.head_drop, self.classifier = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+
+        self.feature_info = [dict(num_chs=cfg.stem_width, reduction=2, module='act1')] + [
+            dict(num_chs=c, reduction=STEM_STRIDE << i, module=f'incre_modules.{i}') for i, c in enumerate(head)]
+        self._init_weights()
+        self._register_load_state_dict_pre_hook(self._classifier_load_hook)
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _classifier_load_hook(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
+        """A checkpoint classifier of another shape (fine-tuning to new classes) is left re-initialised,
+        so ``create_model(name, num_classes=N, checkpoint_path=...)`` works like ``pretrained=True``."""
+        for name in ('weight', 'bias'):
+            key = f'{prefix}classifier.{name}'
+            own = getattr(self.classifier, name, None)
+            if key not in state_dict:
+                continue
+            if own is None:
+                del state_dict[key]  # num_classes=0: a feature extractor keeps no classifier
+            elif own.shape != state_dict[key].shape:
+                _logger.warning('%s: checkpoint shape %s != model %s, classifier re-initialised',
+                                key, tuple(state_dict[key].shape), tuple(own.shape))
+                state_dict[key] = own.detach().clone()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^conv[12]|bn[12]',
+            blocks=r'^(?:layer|stage|transition)(\d+)' if coarse else [
+                (r'^layer1\.(\d+)', None),
+                (r'^stage(\d+)\.(\d+)', None),
+                (r'^transition(\d+)', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage-1 unit, HR module and incre block in backward (exact, see recompute.py)."""
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, (CheckpointSeq, HRStage)):
+                m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        _check_args(num_classes=num_classes)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.head_drop, self.classifier = create_classifier(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=self.drop_rate)
+
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act1(self.bn1(self.conv1(x)))  # (B, stem, H/2, W/2)
+        return self.act2(self.bn2(self.conv2(x)))  # (B, stem, H/4, W/4)
+
+    def forward_streams(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Stem output -> the four streams (B, C * 2^i, H / 2^(i+2), W / 2^(i+2))."""
+        xl = self.transition1([self.layer1(x)])
+        xl = self.transition2(self.stage2(xl))
+        xl = self.transition3(self.stage3(xl))
+        return self.stage4(xl)
+
+    def forward_head_features(self, xl: List[torch.Tensor]) -> torch.Tensor:
+        """Cascade: y = incre0(x0); y = incre_i(x_i) + down_i(y); then the 1x1 conv to num_features."""
+        feats: List[torch.Tensor] = []  # (B, 128 * 2^i, H / 2^(i+2), W / 2^(i+2)) for the full head
+        for i, incre in enumerate(self.incre_modules):
+            feats.append(incre(xl[i]))
+        y = feats[0]
+        for i, down in enumerate(self.downsamp_modules):
+            y = feats[i + 1] + down(y)
+        return self.final_layer(y)  # (B, num_features, H/32, W/32)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head_features(self.forward_streams(self.forward_stem(x)))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.head_drop(self.global_pool(x))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def _take_indices(self, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
+        n = len(self.feature_info)
+        if isinstance(indices, int) and not 0 < indices <= n:
+            raise ValueError(f'out_indices / indices={indices} out of range: last-n must be 1..{n}')
+        if isinstance(indices, (list, tuple)) and any(not -n <= i < n for i in indices):
+            raise ValueError(f'out_indices / indices={list(indices)} out of range: features are 0..{n - 1}')
+        return feature_take_indices(n, indices)
+
+    @torch.jit.ignore
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features at index 0: stem (stride 2); 1-4: the streams after their incre bottleneck.
+
+        Returns the intermediates, or (forward_features output, intermediates).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"output_fmt={output_fmt!r} unsupported: HRNet-C features are 'NCHW'")
+        take, max_index = self._take_indices(indices)
+        stop_early = stop_early or intermediates_only
+        feats: List[torch.Tensor] = []
+        x = self.act1(self.bn1(self.conv1(x)))
+        if 0 in take:
+            feats.append(x)
+        if stop_early and max_index == 0:
+            return feats if intermediates_only else (x, feats)
+        xl = self.forward_streams(self.act2(self.bn2(self.conv2(x))))
+        n_incre = max_index if stop_early else len(self.incre_modules)
+        y = None
+        for i in range(n_incre):
+            t = self.incre_modules[i](xl[i])
+            if i + 1 in take:
+                feats.append(t)
+            if not intermediates_only:
+                y = t if y is None else t + self.downsamp_modules[i - 1](y)
+        if intermediates_only:
+            return feats
+        if n_incre < len(self.incre_modules) or self.final_layer is None:
+            raise ValueError('the final features need the whole head: call with stop_early=False on an unpruned model')
+        return self.final_layer(y), feats
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop what the selected intermediates do not need (later incre blocks, the cascade, the classifier)."""
+        take, max_index = self._take_indices(indices)
+        self.incre_modules = self.incre_modules[:max_index]
+        if prune_head:
+            self.downsamp_modules = nn.ModuleList()
+            self.final_layer = None
+            self.reset_classifier(0, '')
+        return take
+
+
+def _check_args(**values: float) -> None:
+    """Reject impossible constructor values with a message naming the argument."""
+    limits = dict(num_classes=(0, None), in_chans=(1, None), drop_rate=(0.0, 1.0), drop_path_rate=(0.0, 1.0))
+    for name, value in values.items():
+        lo, hi = limits[name]
+        if value < lo or (hi is not None and value >= hi):
+            bound = f'>= {lo}' if hi is None else f'in [{lo}, {hi})'
+            raise ValueError(f'{name}={value} is invalid: must be {bound}')
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return build_model_with_cfg(
+        HighResolutionNetC, variant, pretrained,
+        model_cfg=MODEL_CFGS[variant],
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3, 4)),
+        **kwargs,
+    )
+
+
+def _cfg(hub: str = '', **kwargs: Any) -> Dict[str, Any]:
+    cfg = dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation='bilinear',
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='conv1', classifier='classifier',
+        license='mit', paper_ids='arXiv:1908.07919',
+    )
+    if hub:  # timm's published hrnet_wXX weights share our state-dict layout exactly
+        cfg['hf_hub_id'] = f'timm/{hub}'
+    return {**cfg, **kwargs}
+
+
+default_cfgs = generate_default_cfgs({
+    'hrnet_w18_c.ms_in1k': _cfg('hrnet_w18.ms_in1k'),
+    'hrnet_w18_c.ms_aug_in1k': _cfg('hrnet_w18.ms_aug_in1k', crop_pct=0.95),
+    'hrnet_w30_c.ms_in1k': _cfg('hrnet_w30.ms_in1k'),
+    'hrnet_w32_c.ms_in1k': _cfg('hrnet_w32.ms_in1k'),
+    'hrnet_w40_c.ms_in1k': _cfg('hrnet_w40.ms_in1k'),
+    'hrnet_w48_c.ms_in1k': _cfg('hrnet_w48.ms_in1k'),
+    'hrnet_w64_c.ms_in1k': _cfg('hrnet_w64.ms_in1k'),
+    'hrnet_w44_c': _cfg(),  # the paper's bottleneck W44/W76/W96-C: no published weights
+    'hrnet_w76_c': _cfg(),
+    'hrnet_w96_c': _cfg(),
+    'hrnet_w44_c_basic.ms_in1k': _cfg('hrnet_w44.ms_in1k'),
+    'hrnet_w18_small_c.ms_in1k': _cfg('hrnet_w18_small.ms_in1k'),
+    'hrnet_w18_small_c.gluon_in1k': _cfg('hrnet_w18_small.gluon_in1k', interpolation='bicubic', license='apache-2.0'),
+    'hrnet_w18_small_v2_c.ms_in1k': _cfg('hrnet_w18_small_v2.ms_in1k'),
+    'hrnet_w18_small_v2_c.gluon_in1k': _cfg(
+        'hrnet_w18_small_v2.gluon_in1k', interpolation='bicubic', license='apache-2.0'),
+    'hrnet_tiny_c': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
+})
+
+# Paper top-1 (%) on ImageNet val at 224 (SPEC.md section 2; "repo" rows from the authors' repository).
+PAPER_TOP1: Dict[str, float] = {
+    'hrnet_w18_c': 76.9, 'hrnet_w30_c': 78.1, 'hrnet_w32_c': 78.5, 'hrnet_w40_c': 78.9, 'hrnet_w48_c': 79.3,
+    'hrnet_w64_c': 79.5, 'hrnet_w44_c': 77.0, 'hrnet_w76_c': 78.5, 'hrnet_w96_c': 79.0, 'hrnet_w44_c_basic': 78.9,
+    'hrnet_w18_small_c': 72.3, 'hrnet_w18_small_v2_c': 75.1,
+}
+
+
+def _register(fn):
+    """register_model, refusing to replace a model timm itself (or anyone else) registered."""
+    existing = _model_entrypoints.get(fn.__name__)
+    if existing is not None and existing.__module__ != fn.__module__:
+        raise RuntimeError(f'{fn.__name__!r} is already registered by {existing.__module__}; not overwriting it')
+    return register_model(fn)
+
+
+@_register
+def hrnet_w18_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w18_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w30_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w30_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w32_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w32_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w40_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w40_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w48_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w48_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w64_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w64_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w44_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w44_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w76_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w76_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w96_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w96_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w44_c_basic(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w44_c_basic', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w18_small_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w18_small_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_w18_small_v2_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_w18_small_v2_c', pretrained, **kwargs)
+
+
+@_register
+def hrnet_tiny_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+    return _create('hrnet_tiny_c', pretrained, **kwargs)
