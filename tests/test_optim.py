@@ -1,0 +1,137 @@
+"""Optimizer parameter groups and the exact step-schedule boundaries."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from hrnet_cls.config import OptimConfig, ScheduleConfig
+from hrnet_cls.optim import build_optimizer, build_scheduler, linear_scaled_lr, split_decay_groups
+
+
+def tiny_model(num_classes: int = 10) -> nn.Module:
+    """hrnet_tiny_c once hrnet_cls registers it, else a small timm ResNet."""
+    try:
+        import hrnet_cls  # noqa: F401
+
+        return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
+    except (ImportError, RuntimeError):
+        return timm.create_model("resnet10t", num_classes=num_classes)
+
+
+class HRNetNamed(nn.Module):
+    """Parameters named the way HRNet names them: the BN weight is 'transition1.0.1.weight'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.transition1 = nn.ModuleList([nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4))])
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.downsamp = nn.Conv2d(4, 4, 3)  # conv with bias, as in the C head
+        self.classifier = nn.Linear(4, 3)
+
+
+def names(model: nn.Module, params: list[nn.Parameter]) -> set[str]:
+    ids = {id(p) for p in params}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+SGD = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, wd_on_norm_and_bias=True)
+
+
+def test_paper_default_decays_every_parameter() -> None:
+    model = HRNetNamed()
+    opt = build_optimizer(model, SGD)
+    assert len(opt.param_groups) == 1
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 1e-4 and group["nesterov"] and group["momentum"] == 0.9
+    assert len(group["params"]) == len(list(model.parameters()))
+
+
+def test_exempt_groups_are_chosen_by_module_type() -> None:
+    model = HRNetNamed()
+    decay, no_decay = split_decay_groups(model)
+    assert names(model, no_decay) == {
+        "transition1.0.1.weight", "transition1.0.1.bias", "gn.weight", "gn.bias",
+        "ln.weight", "ln.bias", "downsamp.bias", "classifier.bias",
+    }
+    assert names(model, decay) == {"transition1.0.0.weight", "downsamp.weight", "classifier.weight"}
+
+
+def test_exempt_parameters_really_get_no_decay() -> None:
+    model = HRNetNamed()
+    opt = build_optimizer(model, OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.5, wd_on_norm_and_bias=False))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # only weight decay moves parameters
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"transition1.0.0.weight", "downsamp.weight", "classifier.weight"}
+
+
+def test_real_model_exempts_all_norm_and_bias_tensors() -> None:
+    model = tiny_model()
+    decay, no_decay = split_decay_groups(model)
+    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)}
+    bias_params = {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert {id(p) for p in no_decay} == norm_params | bias_params
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+    assert all(p.dim() > 1 for p in decay)  # conv and linear weights only
+
+
+def schedule(decay=(30, 60, 90), warmup=0, epochs=100) -> ScheduleConfig:
+    return ScheduleConfig(epochs=epochs, decay_epochs=list(decay), decay_rate=0.1, warmup_epochs=warmup)
+
+
+def test_step_boundaries_are_at_the_milestone_not_before() -> None:
+    opt = build_optimizer(nn.Linear(2, 2), SGD)
+    sched = build_scheduler(opt, schedule(), steps_per_epoch=100)
+    assert sched.lr_at(0.0) == 0.1
+    assert sched.lr_at(29.0) == 0.1 and sched.lr_at(29.999) == 0.1
+    assert sched.lr_at(30.0) == pytest.approx(0.01, rel=1e-12)
+    assert sched.lr_at(59.99) == pytest.approx(0.01, rel=1e-12)
+    assert sched.lr_at(60.0) == pytest.approx(0.001, rel=1e-12)
+    assert sched.lr_at(90.0) == pytest.approx(1e-4, rel=1e-12)
+    # per step: the last step of epoch 29 and the first of epoch 30
+    assert sched.step(30 * 100 - 1) == 0.1
+    assert sched.step(30 * 100) == pytest.approx(0.01, rel=1e-12)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01, rel=1e-12)
+
+
+def test_linear_warmup_is_per_step() -> None:
+    opt = build_optimizer(nn.Linear(2, 2), SGD)
+    sched = build_scheduler(opt, schedule(decay=[5], warmup=2, epochs=10), steps_per_epoch=10)
+    lrs = [sched.step(s) for s in range(60)]
+    assert lrs[0] == pytest.approx(0.1 / 20)  # first step is not wasted at lr 0
+    assert lrs[9] == pytest.approx(0.1 * 10 / 20)
+    assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(lrs[:20], lrs[1:20]))  # strictly rising during warm-up
+    assert lrs[49] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.01)
+
+
+def test_every_group_follows_the_schedule() -> None:
+    cfg = OptimConfig(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4, wd_on_norm_and_bias=False)
+    opt = build_optimizer(HRNetNamed(), cfg)
+    sched = build_scheduler(opt, schedule(decay=[1]), steps_per_epoch=4)
+    sched.step(4)
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.02)] * 2
+
+
+def test_resume_needs_only_the_global_step() -> None:
+    """A rebuilt scheduler at step k gives what an uninterrupted one gives, whatever the
+    loaded optimizer state says about lr."""
+    model = nn.Linear(2, 2)
+    opt = build_optimizer(model, SGD)
+    sched = build_scheduler(opt, schedule(decay=[2, 3], epochs=4), steps_per_epoch=7)
+    uninterrupted = [sched.step(s) for s in range(28)]
+    state = opt.state_dict()  # saved with the lr of step 27
+    opt2 = build_optimizer(model, SGD)
+    sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4), steps_per_epoch=7)
+    opt2.load_state_dict(state)
+    assert [sched2.step(s) for s in range(15, 28)] == uninterrupted[15:]
+
+
+def test_linear_scaling_rule() -> None:
+    assert linear_scaled_lr(256) == 0.1
+    assert linear_scaled_lr(4 * 32) == 0.05  # the authors' repo
