@@ -1,0 +1,411 @@
+"""Atomic checkpoints, resume, and weight loading for fine-tuning.
+
+Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so timm's
+``load_checkpoint`` reads it too; timm takes 'model_ema' when not None, else 'model'):
+
+    model           state_dict of the bare model (no 'module.' / '_orig_mod.' prefixes)
+    model_ema       state_dict of the EMA weights, or None
+    optimizer       optimizer.state_dict()
+    scaler          GradScaler.state_dict() ({} when loss scaling is off), or None
+    epoch           epoch to resume in, 0-based (= number of completed epochs when
+                    batch_in_epoch is 0)
+    batch_in_epoch  batches of that epoch already trained on (0 at an epoch boundary)
+    step            global optimizer steps taken; the LR schedule is a function of it
+    rng             one capture_rng() dict per rank, indexed by rank
+    config          config_to_dict(cfg) of the run
+    model_name      timm model name
+    git_commit      commit hash (+ "-dirty"), or None outside a git checkout
+    metrics         dict of the latest metrics, e.g. {"val_top1": 76.9}
+    best_metric     best metric so far (written by CheckpointManager)
+
+Files in output_dir: last.pth (every save), best.pth (best metric), epoch_XXXX.pth (the k
+newest epoch ends; XXXX = 0-based index of the finished epoch, as in summary.csv).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "batch_in_epoch")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Strip DDP / torch.compile prefixes, in any order and repetition."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def git_commit(repo: Path = REPO_ROOT) -> str | None:
+    """HEAD commit of repo, with "-dirty" when tracked files differ; None if not a checkout."""
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(
+                ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+
+        sha = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, as builtins and tensors (weights_only-loadable)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        # Only touch CUDA if this process already uses it: querying would initialise it.
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+
+
+def restore_rng(rng: Mapping[str, Any]) -> None:
+    """Inverse of capture_rng()."""
+    random.setstate(_as_tuple(rng["python"]))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    """random.setstate needs tuples, which a round trip may have turned into lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------- state dicts
+
+
+def build_state(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    step: int,
+    batch_in_epoch: int,
+    config: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+    model_ema: nn.Module | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    rng: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The checkpoint dict described in the module docstring.
+
+    rng: one capture_rng() per rank (gather with distributed.all_gather_object on every
+    rank before rank 0 saves); default: this process only.
+    """
+    ema = None
+    if model_ema is not None:
+        ema = clean_state_dict(unwrap_model(getattr(model_ema, "module", model_ema)).state_dict())
+    return {
+        "model": clean_state_dict(unwrap_model(model).state_dict()),
+        "model_ema": ema,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "epoch": epoch,
+        "step": step,
+        "batch_in_epoch": batch_in_epoch,
+        "rng": rng if rng is not None else [capture_rng()],
+        "config": dict(config),
+        "model_name": config.get("model", {}).get("name", type(unwrap_model(model)).__name__),
+        "git_commit": git_commit(),
+        "metrics": dict(metrics or {}),
+    }
+
+
+def restore_state(
+    state: Mapping[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    model_ema: nn.Module | None = None,
+    rank: int = 0,
+) -> None:
+    """Load a checkpoint dict back into the training objects (strict) and this rank's RNG."""
+    unwrap_model(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    if model_ema is not None:
+        ema_module = unwrap_model(getattr(model_ema, "module", model_ema))
+        if state.get("model_ema") is None:
+            logger.warning("checkpoint has no EMA weights; the EMA starts from the model weights")
+        ema_module.load_state_dict(state.get("model_ema") or state["model"])
+    rngs = state.get("rng") or []
+    if rank < len(rngs):
+        restore_rng(rngs[rank])
+    else:
+        logger.warning("checkpoint holds RNG states for %d ranks, none for rank %d; RNG not restored", len(rngs), rank)
+
+
+# ---------------------------------------------------------------- atomic files
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call write(file) on a temp file in path's directory, fsync it, rename it onto path.
+
+    A crash at any point leaves either the old file or the new one, never a mix; temp
+    files are dot-files ending in .tmp, which nothing here treats as a checkpoint.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
+    """torch.save state to path atomically (see _atomic_write)."""
+    _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """Make dst another name for src's bytes (hard link; copy where links are unsupported)."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        _atomic_write(dst, lambda f: f.write(src.read_bytes()))
+        return
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """Load one of our checkpoints; raises if unreadable or not a training checkpoint."""
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a checkpoint dict ({type(state).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"{path}: not a training checkpoint, missing {missing}")
+    return state
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _candidates(output_dir: Path) -> list[Path]:
+    """Checkpoint files in output_dir (never the .tmp files of an interrupted save)."""
+    names = [output_dir / "last.pth", *output_dir.glob("epoch_[0-9]*.pth"), output_dir / "best.pth"]
+    return [p for p in names if p.is_file()]
+
+
+def _readable_steps(output_dir: Path) -> list[tuple[int, Path]]:
+    """(stored step, path) of every checkpoint that loads, newest first; warns on the rest.
+
+    mmap keeps this cheap: tensors are mapped, not read. Ties prefer last.pth.
+    """
+    found = []
+    for order, path in enumerate(_candidates(output_dir)):
+        try:
+            step = int(load_checkpoint(path, mmap=True)["step"])
+        except Exception as e:  # truncated zip, garbage, foreign dict: all mean "skip it"
+            logger.warning("skipping unreadable checkpoint %s: %s", path, " ".join(str(e).split())[:200])
+            continue
+        found.append((step, -order, path))
+    return [(step, path) for step, _, path in sorted(found, reverse=True)]
+
+
+def find_resume(output_dir: str | Path) -> Path | None:
+    """The newest (by stored step) checkpoint in output_dir that loads, or None."""
+    found = _readable_steps(Path(output_dir))
+    return found[0][1] if found else None
+
+
+def load_resume(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """Fully load the newest valid checkpoint, falling back to older ones if it fails."""
+    for _, path in _readable_steps(Path(output_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as e:
+            logger.warning("checkpoint %s failed to load, trying an older one: %s", path, e)
+    return None
+
+
+class CheckpointManager:
+    """Writes last/best/epoch checkpoints of one run; use on the main rank only."""
+
+    def __init__(self, output_dir: str | Path, keep: int):
+        self.output_dir = Path(output_dir)
+        self.keep = keep  # epoch_XXXX.pth files kept besides last.pth and best.pth
+        self.best_metric: float | None = None  # higher is better (top-1)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.output_dir.glob(".*.tmp"):  # left by a save that was killed
+            logger.info("removing %s left by an interrupted save", stale)
+            stale.unlink(missing_ok=True)
+
+    def save(self, state: Mapping[str, Any], metric: float | None = None, epoch_end: bool = True) -> Path:
+        """Write last.pth; at an epoch end also epoch_XXXX.pth; best.pth if metric improved.
+
+        epoch_end requires state["batch_in_epoch"] == 0; XXXX = state["epoch"] - 1.
+        """
+        improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
+        if improved:
+            self.best_metric = metric
+        last = self.output_dir / "last.pth"
+        save_checkpoint(last, {**state, "best_metric": self.best_metric})
+        if "config" in state:
+            text = yaml.safe_dump(dict(state["config"]), sort_keys=False).encode()
+            _atomic_write(self.output_dir / "config.yaml", lambda f: f.write(text))
+        if epoch_end and self.keep > 0:
+            if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
+                raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
+            _atomic_link(last, self.output_dir / f"epoch_{state['epoch'] - 1:04d}.pth")
+            self._prune()
+        if improved:
+            _atomic_link(last, self.output_dir / "best.pth")
+            logger.info("new best metric %.4f, saved %s", metric, self.output_dir / "best.pth")
+        return last
+
+    def _prune(self) -> None:
+        epochs = sorted(self.output_dir.glob("epoch_[0-9]*.pth"))
+        for old in epochs[: max(0, len(epochs) - self.keep)]:
+            old.unlink(missing_ok=True)
+
+    def resume(self, resume: str) -> dict[str, Any] | None:
+        """Checkpoint dict to continue from: "" = none, "auto" = newest valid one in
+        output_dir (None if there is none), else that path (errors if unloadable)."""
+        if resume == "":
+            return None
+        if resume == "auto":
+            found = load_resume(self.output_dir)
+            if found is None:
+                logger.info("no checkpoint in %s, starting fresh", self.output_dir)
+                return None
+            path, state = found
+        else:
+            path, state = Path(resume), load_checkpoint(resume)
+        self.best_metric = state.get("best_metric")
+        logger.info("resuming from %s: epoch %d, batch %d, step %d", path, state["epoch"], state["batch_in_epoch"], state["step"])
+        return state
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+@dataclass
+class LoadReport:
+    """What load_into_model did; missing keys keep their fresh initialisation."""
+
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # classifier keys of another shape
+
+
+def _is_state_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _pick_state_dict(ckpt: Any, use_ema: bool) -> Mapping[str, torch.Tensor]:
+    """The weights inside ours ('model'/'model_ema'), the authors' ('state_dict', where
+    'model' is a name string) or a plain state dict (timm, authors' final_state.pth)."""
+    keys = (["model_ema", "state_dict_ema"] if use_ema else []) + ["state_dict", "model"]
+    if isinstance(ckpt, Mapping):
+        for key in keys:
+            if _is_state_dict(ckpt.get(key)):
+                return ckpt[key]
+    if _is_state_dict(ckpt):
+        return ckpt
+    shown = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
+    raise ValueError(f"no state dict found in checkpoint (top level: {shown})")
+
+
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Module names of the classifier, e.g. ('classifier',) for HRNet, ('fc',) for ResNet."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier")
+    if names:
+        return (names,) if isinstance(names, str) else tuple(names)
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return tuple(name for name, module in model.named_modules() if head is not None and module is head)
+
+
+def load_into_model(
+    model: nn.Module, source: str | Path | Mapping[str, Any], num_classes: int | None = None, use_ema: bool = False
+) -> LoadReport:
+    """Initialise model from a checkpoint for fine-tuning (non-strict).
+
+    Classifier tensors whose shape differs (another num_classes) are dropped and keep
+    their fresh initialisation; any other shape mismatch is an error (wrong architecture).
+    num_classes, when given, must match the model's classifier (a consistency check).
+    """
+    target = unwrap_model(model)
+    ckpt = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) else source
+    weights = clean_state_dict(_pick_state_dict(ckpt, use_ema))
+    own = target.state_dict()
+    heads = _classifier_prefixes(target)
+    if num_classes is not None and getattr(target, "num_classes", num_classes) != num_classes:
+        raise ValueError(f"model has {target.num_classes} classes, expected num_classes={num_classes}")
+    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    dropped = [k for k in mismatched if k.startswith(tuple(h + "." for h in heads))]
+    wrong = sorted(set(mismatched) - set(dropped))
+    if wrong:
+        raise ValueError(f"checkpoint shapes differ from the model outside the classifier: {wrong[:5]}")
+    if not set(weights) & set(own):
+        raise ValueError(f"checkpoint shares no parameter names with {type(target).__name__}")
+    result = target.load_state_dict({k: v for k, v in weights.items() if k not in dropped}, strict=False)
+    missing = sorted(set(result.missing_keys) - set(dropped))
+    report = LoadReport(missing, sorted(result.unexpected_keys), dropped)
+    if dropped:
+        logger.info("classifier re-initialised (shape differs): %s", dropped)
+    if report.missing or report.unexpected:
+        logger.warning("init weights: %d missing keys %s, %d unexpected keys %s",
+                       len(report.missing), report.missing[:5], len(report.unexpected), report.unexpected[:5])
+    return report

@@ -1,0 +1,246 @@
+"""Checkpoints: layout, atomic saves under crashes, resume fallback, fine-tune loading."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from hrnet_cls.checkpoint import (
+    CheckpointManager,
+    build_state,
+    capture_rng,
+    find_resume,
+    git_commit,
+    load_checkpoint,
+    load_into_model,
+    restore_rng,
+    restore_state,
+    save_checkpoint,
+)
+from hrnet_cls.config import Config, config_to_dict
+from hrnet_cls.optim import build_optimizer
+
+CONFIG = config_to_dict(Config())
+
+
+def tiny_model(num_classes: int = 10) -> nn.Module:
+    """hrnet_tiny_c once hrnet_cls registers it, else a small timm ResNet."""
+    try:
+        import hrnet_cls  # noqa: F401
+
+        return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
+    except (ImportError, RuntimeError):
+        return timm.create_model("resnet10t", num_classes=num_classes)
+
+
+def make_state(model: nn.Module, epoch: int, step: int, **extra) -> dict:
+    opt = build_optimizer(model, Config().optim)
+    return {**build_state(model=model, optimizer=opt, epoch=epoch, step=step, batch_in_epoch=0, config=CONFIG), **extra}
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return tiny_model()
+
+
+def test_state_layout_round_trips_and_timm_can_read_it(tmp_path, model) -> None:
+    ema = tiny_model()
+    with torch.no_grad():
+        next(ema.parameters()).add_(1.0)  # EMA differs from the model
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    opt = build_optimizer(model, Config().optim)
+    state = build_state(model=model, optimizer=opt, epoch=3, step=300, batch_in_epoch=7, config=CONFIG,
+                        metrics={"val_top1": 12.5}, model_ema=ema, scaler=scaler)
+    save_checkpoint(tmp_path / "c.pth", state)
+    loaded = load_checkpoint(tmp_path / "c.pth")  # weights_only=True: no pickled classes
+    assert (loaded["epoch"], loaded["step"], loaded["batch_in_epoch"]) == (3, 300, 7)
+    assert loaded["model_name"] == "hrnet_w18_c" and loaded["config"] == CONFIG
+    assert loaded["metrics"] == {"val_top1": 12.5}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in loaded["model"])
+    assert same_weights(loaded["model"], model.state_dict())
+    # timm's own loader prefers the EMA weights when present, else 'model'
+    probe = tiny_model()
+    timm.models.load_checkpoint(probe, str(tmp_path / "c.pth"), use_ema=True)
+    assert same_weights(probe.state_dict(), ema.state_dict())
+    timm.models.load_checkpoint(probe, str(tmp_path / "c.pth"), use_ema=False)
+    assert same_weights(probe.state_dict(), model.state_dict())
+
+
+def test_wrapper_prefixes_are_stripped(tmp_path, model) -> None:
+    compiled = torch.compile(model)  # wrapping only; nothing is compiled until called
+    state = build_state(model=compiled, optimizer=build_optimizer(model, Config().optim),
+                        epoch=0, step=0, batch_in_epoch=0, config=CONFIG)
+    assert state["model"].keys() == model.state_dict().keys()
+
+
+def test_restore_state_and_rng(tmp_path, model) -> None:
+    opt = build_optimizer(model, Config().optim)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()  # gives the optimizer momentum buffers
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    state = build_state(model=model, optimizer=opt, epoch=1, step=1, batch_in_epoch=0, config=CONFIG)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    save_checkpoint(tmp_path / "c.pth", state)
+    fresh = tiny_model()
+    fresh_opt = build_optimizer(fresh, Config().optim)
+    restore_state(load_checkpoint(tmp_path / "c.pth"), fresh, fresh_opt)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    assert same_weights(fresh.state_dict(), model.state_dict())
+    assert fresh_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_rng_capture_restore_is_exact() -> None:
+    rng = capture_rng()
+    a = (random.random(), np.random.randn(3).tolist(), torch.randn(3).tolist())
+    restore_rng(rng)
+    assert (random.random(), np.random.randn(3).tolist(), torch.randn(3).tolist()) == a
+
+
+class ExplodesWhenPickled:
+    def __reduce__(self):
+        raise RuntimeError("disk full, say")
+
+
+def test_failed_save_keeps_previous_file(tmp_path, model) -> None:
+    path = tmp_path / "last.pth"
+    save_checkpoint(path, make_state(model, epoch=1, step=10))
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(path, make_state(model, epoch=2, step=20, boom=ExplodesWhenPickled()))
+    assert load_checkpoint(path)["step"] == 10
+    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # the temp file was removed
+
+
+# The child writes a checkpoint whose pickling blocks after the temp file is open; the
+# parent SIGKILLs it there: the situation of a node dying in the middle of a save.
+CHILD = """
+import sys, time, pathlib, torch
+from hrnet_cls.checkpoint import save_checkpoint
+class Hang:
+    def __reduce__(self):
+        pathlib.Path(sys.argv[2]).write_text("saving")
+        time.sleep(60)
+save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(1000)}, "hang": Hang()})
+"""
+
+
+@pytest.mark.slow  # a child interpreter importing torch and timm: ~5 s
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None:
+    out = tmp_path / "run"
+    CheckpointManager(out, keep=2).save(make_state(model, epoch=1, step=10))
+    marker = tmp_path / "marker"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(out / "last.pth"), str(marker)],
+                             cwd=Path(__file__).parent.parent)
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.05)
+    assert marker.exists(), "child never reached the middle of the save"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    leftovers = list(out.glob(".*.tmp"))
+    assert leftovers, "the killed save should have left its partial temp file"
+    assert load_checkpoint(out / "last.pth")["step"] == 10
+    assert find_resume(out) == out / "last.pth"
+    CheckpointManager(out, keep=2)  # a new run's manager removes the partial file
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_manager_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
+    manager = CheckpointManager(tmp_path, keep=2)
+    for epoch, top1 in enumerate([10.0, 30.0, 20.0, 50.0, 40.0], start=1):
+        manager.save(make_state(model, epoch=epoch, step=epoch * 100), metric=top1)
+    files = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert files == ["best.pth", "epoch_0003.pth", "epoch_0004.pth", "last.pth"]
+    assert load_checkpoint(tmp_path / "best.pth")["step"] == 400
+    assert load_checkpoint(tmp_path / "epoch_0003.pth")["step"] == 400
+    assert load_checkpoint(tmp_path / "last.pth")["best_metric"] == 50.0
+    assert (tmp_path / "config.yaml").is_file()
+    resumed = CheckpointManager(tmp_path, keep=2)
+    assert resumed.resume("auto")["step"] == 500 and resumed.best_metric == 50.0
+
+
+def test_mid_epoch_save_writes_only_last(tmp_path, model) -> None:
+    manager = CheckpointManager(tmp_path, keep=2)
+    state = {**make_state(model, epoch=2, step=250), "batch_in_epoch": 50}
+    manager.save(state, epoch_end=False)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["last.pth"]
+    with pytest.raises(ValueError, match="batch_in_epoch == 0"):
+        manager.save(state, epoch_end=True)
+
+
+def test_corrupt_newest_checkpoint_falls_back(tmp_path, model, caplog) -> None:
+    manager = CheckpointManager(tmp_path, keep=3)
+    for epoch in (1, 2, 3):
+        manager.save(make_state(model, epoch=epoch, step=epoch * 100))
+    # Truncate in place: last.pth and epoch_0002.pth share the inode, so both break.
+    data = (tmp_path / "last.pth").read_bytes()
+    with open(tmp_path / "last.pth", "r+b") as f:
+        f.truncate(len(data) // 2)
+    (tmp_path / "epoch_0001.pth").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.checkpoint"):
+        assert find_resume(tmp_path) == tmp_path / "epoch_0000.pth"
+        assert CheckpointManager(tmp_path, keep=3).resume("auto")["step"] == 100
+    assert "last.pth" in caplog.text and "epoch_0002.pth" in caplog.text and "epoch_0001.pth" in caplog.text
+
+
+def test_resume_modes(tmp_path, model) -> None:
+    manager = CheckpointManager(tmp_path / "empty", keep=1)
+    assert manager.resume("") is None and manager.resume("auto") is None
+    save_checkpoint(tmp_path / "x.pth", make_state(model, epoch=4, step=40))
+    assert manager.resume(str(tmp_path / "x.pth"))["epoch"] == 4
+    with pytest.raises(FileNotFoundError):
+        manager.resume(str(tmp_path / "missing.pth"))
+
+
+def test_finetune_with_other_num_classes_drops_only_the_classifier(tmp_path, model) -> None:
+    save_checkpoint(tmp_path / "ours.pth", make_state(model, epoch=1, step=1))
+    target = tiny_model(num_classes=7)
+    head_before = {k: v.clone() for k, v in target.state_dict().items() if k.startswith(("classifier.", "fc."))}
+    report = load_into_model(target, tmp_path / "ours.pth", num_classes=7)
+    assert sorted(report.dropped) == sorted(head_before) and report.missing == [] and report.unexpected == []
+    after = target.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in head_before.items())  # left re-initialised
+    source = model.state_dict()
+    assert all(torch.equal(after[k], source[k]) for k in after if k not in head_before)
+
+
+def test_loads_timm_and_authors_layouts(tmp_path, model) -> None:
+    plain = model.state_dict()
+    authors = {"epoch": 100, "model": "cls_hrnet", "perf": 0.77,
+               "state_dict": {"module." + k: v for k, v in plain.items()}}
+    for name, ckpt in [("timm.pth", plain), ("authors.pth", authors)]:
+        torch.save(ckpt, tmp_path / name)
+        target = tiny_model()
+        report = load_into_model(target, tmp_path / name)
+        assert report.missing == report.unexpected == report.dropped == []
+        assert same_weights(target.state_dict(), plain)
+
+
+def test_wrong_architecture_is_an_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="shares no parameter names"):
+        load_into_model(tiny_model(), {"foo.weight": torch.zeros(3)})
+    other = tiny_model().state_dict()
+    key = next(k for k, v in other.items() if v.dim() == 4)
+    other[key] = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(ValueError, match="outside the classifier"):
+        load_into_model(tiny_model(), other)
+
+
+def test_git_commit(tmp_path) -> None:
+    commit = git_commit()
+    assert commit is None or len(commit.split("-")[0]) == 40
+    assert git_commit(tmp_path) is None
