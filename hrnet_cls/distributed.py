@@ -1,0 +1,100 @@
+"""Process-group setup from torchrun's environment, and the few collectives training uses.
+
+Every helper works unchanged in a single process (plain ``python train.py``): collectives
+become identities there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int  # global process index, 0 .. world_size - 1
+    local_rank: int  # process index on this machine: picks the GPU
+    world_size: int  # number of processes in the job
+    device: torch.device  # cuda:<local_rank> when CUDA is available, else cpu
+    is_main: bool  # rank 0: the only process that logs, tracks and saves
+
+
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT via env://): NCCL with CUDA, gloo on CPU. Without WORLD_SIZE, or
+    with WORLD_SIZE=1, no process group is created.
+
+    timeout_s bounds how long a collective waits for a stuck rank before raising.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, init_method="env://", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+            # binding the device up front lets NCCL connect eagerly and avoids a guess
+            device_id=device if device.type == "cuda" else None,
+        )
+        logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
+    return DistInfo(rank, local_rank, world_size, device, rank == 0)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """NCCL only reduces CUDA tensors; gloo only CPU ones."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum tensor over all ranks in place (and return it); identity in one process."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if flag is true on any rank; e.g. stop all ranks alike on a
+    non-finite loss, so none is left waiting in the next collective."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """One picklable object per rank, indexed by rank (e.g. RNG states for a checkpoint)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group (call once at the end, also after an error)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
