@@ -476,12 +476,20 @@ def _check_args(**values: float) -> None:
 
 
 def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return build_model_with_cfg(
-        HighResolutionNetC, variant, pretrained,
-        model_cfg=MODEL_CFGS[variant],
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3, 4)),
-        **kwargs,
-    )
+    try:
+        return build_model_with_cfg(
+            HighResolutionNetC, variant, pretrained,
+            model_cfg=MODEL_CFGS[variant],
+            feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3, 4)),
+            **kwargs,
+        )
+    except OSError as e:  # hub unreachable, or a missing weights file (timm's error has no text)
+        if not pretrained:
+            raise
+        source = (kwargs.get('pretrained_cfg_overlay') or {}).get('file') or 'the Hugging Face hub'
+        raise RuntimeError(
+            f'{variant}: pretrained weights could not be loaded from {source} ({type(e).__name__}: {e}). '
+            f"Offline, pass pretrained_cfg_overlay=dict(file='weights.pth') or checkpoint_path=...") from e
 
 
 def _cfg(hub: str = '', **kwargs: Any) -> Dict[str, Any]:
