@@ -1,0 +1,141 @@
+"""Decode one encoded image into a uint8 crop, and normalise it into a batch slot.
+
+Train: RandomResizedCrop (area fraction in ``scale``, aspect ratio w/h log-uniform in
+``ratio``) + horizontal flip. Eval: resize the shorter side to ``resize``, centre-crop
+``size``. Both follow the torchvision definitions (SPEC section 4).
+
+Speed, per image (decode dominates):
+- the crop box is chosen from the header size before decoding, then a JPEG is decoded at
+  1/2, 1/4 or 1/8 scale (``Image.draft``) when the box still covers at least ``size``
+  pixels per side at that scale: a smaller decode never drops below the output resolution;
+- crop + resize run on a uint8 tensor with ``torch.nn.functional.interpolate``
+  (antialiased), several times faster than PIL's resize for these sizes;
+- normalisation writes straight into the float batch, one image at a time (cache-sized).
+The randomness comes from a ``random.Random`` the caller seeds per sample, so the crop of
+a sample does not depend on worker count or timing.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "eval_crop",
+           "random_resized_crop_box", "sample_rng", "train_crop"]
+
+INTERPOLATIONS = ("bilinear", "bicubic")
+_DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg performs while decoding
+
+
+def sample_rng(*parts: object) -> random.Random:
+    """A generator seeded by a stable hash of ``parts`` (``hash()`` is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random,
+                            scale: tuple[float, float] = (0.08, 1.0),
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, w, h) of a RandomResizedCrop box in a width x height image.
+
+    Ten tries at a box of random area and aspect ratio that fits; otherwise the largest
+    central box whose aspect ratio is clamped into ``ratio``.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, width - w), rng.randint(0, height - h), w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif aspect > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
+    """(pixels as a read-only (H, W, 3) uint8 array, reduction factor applied while decoding).
+
+    ``keep`` = how many times larger than needed the region of interest is per side: a
+    JPEG is decoded at 1/s scale for the largest s in (8, 4, 2) with s <= keep.
+    """
+    factor = 1
+    if img.format == "JPEG" and keep >= 2:
+        wanted = next(s for s in _DRAFT_SCALES if s <= keep)
+        full_width = img.width
+        # draft picks the largest libjpeg scale <= full size // requested size, here `wanted`
+        drafted = img.draft("RGB", (-(-img.width // wanted), -(-img.height // wanted)))
+        if drafted is not None:  # (mode, (0, 0, width / factor, height / factor))
+            factor = round(full_width / drafted[1][2])
+    img.load()
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img), factor
+
+
+def _resize(region: np.ndarray, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """(h, w, 3) uint8 region -> (3, *size) uint8 tensor, antialiased when shrinking."""
+    # np.array copies the region into a writable (h, w, 3) block: as (1, 3, h, w) that is
+    # channels-last contiguous, the layout of interpolate's fast uint8 path.
+    pixels = torch.from_numpy(np.array(region)).permute(2, 0, 1).unsqueeze(0)
+    if tuple(pixels.shape[2:]) == size:
+        return pixels[0]
+    return F.interpolate(pixels, size=size, mode=interpolation, antialias=True, align_corners=False)[0]
+
+
+def train_crop(data: bytes, size: int, rng: random.Random, *, scale: tuple[float, float] = (0.08, 1.0),
+               ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+               interpolation: str = "bilinear") -> torch.Tensor:
+    """RandomResizedCrop + horizontal flip of encoded image bytes -> (3, size, size) uint8."""
+    img = Image.open(io.BytesIO(data))
+    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
+    flip = rng.random() < hflip
+    pixels, f = _decode(img, min(w, h) / size)
+    # decoded pixel i covers original pixels [i * f, (i + 1) * f)
+    x0, y0 = left // f, top // f
+    x1, y1 = max(x0 + 1, round((left + w) / f)), max(y0 + 1, round((top + h) / f))
+    out = _resize(pixels[y0:y1, x0:x1], (size, size), interpolation)
+    return out.flip(-1) if flip else out
+
+
+def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8."""
+    img = Image.open(io.BytesIO(data))
+    pixels, _ = _decode(img, min(img.width, img.height) / resize)
+    height, width = pixels.shape[:2]
+    # output size as torchvision's Resize(int): shorter side = resize, longer side truncated
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    resized = _resize(pixels, (new_h, new_w), interpolation)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return resized[:, top:top + size, left:left + size]
+
+
+class Normalizer:
+    """Writes (uint8 / 255 - mean) / std into a float32 batch slot, one image at a time."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+
+    def __call__(self, image: torch.Tensor, out: torch.Tensor) -> None:
+        """image: (3, H, W) uint8; out: (3, H, W) float32, overwritten."""
+        out.copy_(image).mul_(self.scale).add_(self.shift)

@@ -1,0 +1,426 @@
+"""Input pipelines on real tar shards written in tmp_path: determinism, resume, equal batches
+per rank, exactly-once evaluation (also under 2 gloo processes), and every kind of bad data.
+
+Most samples are flat-colour PNGs whose colour encodes a sample id, so a batch reveals
+which samples it holds whatever the crop (a crop of a flat image is the same flat image).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+import tarfile
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from hrnet_cls import data
+from hrnet_cls.data import (
+    accuracy_counts,
+    all_reduce_counts,
+    build_train_loader,
+    build_val_loader,
+    expand_urls,
+    read_info,
+    shard_lengths,
+)
+from hrnet_cls.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    Normalizer,
+    _decode,
+    eval_crop,
+    train_crop,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 10
+Sample = tuple[str, dict[str, bytes]]
+
+
+def id_png(i: int, size: int = 16) -> bytes:
+    """Flat colour encoding id i (< 4096) in 16 levels per channel, robust to resampling."""
+    colour = [8 + 16 * (i // 256), 8 + 16 * (i // 16 % 16), 8 + 16 * (i % 16)]
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), tuple(colour)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def ids_of(images: torch.Tensor) -> list[int]:
+    """Sample ids back from normalised (B, 3, H, W) flat-colour images."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3)
+    levels = ((images[:, :, 0, 0] * std + mean) * 255 - 8) / 16
+    digits = levels.round().long()
+    return (digits[:, 0] * 256 + digits[:, 1] * 16 + digits[:, 2]).tolist()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def sample(i: int) -> Sample:
+    return f"s{i:05d}", {"png": id_png(i), "cls": str(i % NUM_CLASSES).encode()}
+
+
+def write_shards(folder: Path, split: str, shards: list[list[Sample]], listed: list[int] | None = None) -> str:
+    """Tar shards + _info.json; returns the brace pattern naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for n, samples in enumerate(shards):
+        names.append(f"{split}-{n:06d}.tar")
+        with tarfile.open(folder / names[-1], "w") as tar:
+            for key, members in samples:
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    lengths = listed or [len(s) for s in shards]
+    info_path = folder / "_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"name": "t", "splits": {}}
+    info.update(num_classes=NUM_CLASSES)
+    info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
+                             "shard_lengths": lengths}
+    info_path.write_text(json.dumps(info))
+    return str(folder / f"{split}-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+def id_shards(folder: Path, split: str, sizes: list[int], first: int = 0) -> str:
+    """Clean shards of the given sizes holding consecutive ids from ``first``."""
+    shards, i = [], first
+    for size in sizes:
+        shards.append([sample(j) for j in range(i, i + size)])
+        i += size
+    return write_shards(folder, split, shards)
+
+
+def epoch_batches(urls: str, **kw) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    args = dict(batch_size=4, img_size=16, seed=5, epoch=0, workers=0) | kw
+    return list(build_train_loader(urls, **args))
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def test_expand_urls_braces_globs_lists_and_remote(tmp_path: Path) -> None:
+    pattern = id_shards(tmp_path, "train", [1, 1, 1])
+    names = [str(tmp_path / f"train-{i:06d}.tar") for i in range(3)]
+    assert expand_urls(pattern) == names
+    assert expand_urls(str(tmp_path / "train-*.tar")) == names
+    assert expand_urls([names[2], names[0]]) == [names[2], names[0]]
+    assert expand_urls(f"{names[0]}::{names[1]}") == names[:2]
+    remote = ["pipe:curl -s http://h/a-{0..1}.tar", "https://h/a-{0..1}.tar"]
+    assert expand_urls(remote[0]) == ["pipe:curl -s http://h/a-0.tar", "pipe:curl -s http://h/a-1.tar"]
+    assert expand_urls(remote[1]) == ["https://h/a-0.tar", "https://h/a-1.tar"]
+
+
+def test_a_pattern_matching_nothing_fails_before_training(tmp_path: Path) -> None:
+    id_shards(tmp_path, "train", [1])
+    for pattern in (str(tmp_path / "tarin-{000000..000003}.tar"), str(tmp_path / "val-*.tar")):
+        with pytest.raises(FileNotFoundError, match=re.escape(f"no shard file matches {pattern!r}")):
+            build_train_loader(pattern, batch_size=1, img_size=16, seed=0, epoch=0)
+    with pytest.raises(FileNotFoundError, match="a directory"):
+        build_val_loader(str(tmp_path), batch_size=1, img_size=16, crop_pct=1.0)
+
+
+def test_read_info_and_lengths_with_and_without_index(tmp_path: Path) -> None:
+    pattern = id_shards(tmp_path, "train", [3, 1, 2])
+    info = read_info(pattern)
+    assert info["splits"]["train"]["shard_lengths"] == [3, 1, 2]
+    assert read_info(str(tmp_path)) == info
+    urls = expand_urls(pattern)
+    (tmp_path / "_info.json").unlink()
+    assert read_info(pattern) is None
+    assert shard_lengths(urls) == [3, 1, 2]  # counted from the tar headers
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_batches_are_normalised_float_with_int64_targets(tmp_path: Path) -> None:
+    grey = io.BytesIO()
+    Image.new("RGB", (20, 20), (128, 128, 128)).save(grey, "PNG")
+    urls = write_shards(tmp_path, "train", [[(f"g{i}", {"png": grey.getvalue(), "cls": b"3"}) for i in range(4)]])
+    images, targets, skipped = epoch_batches(urls, batch_size=4, img_size=8)[0]
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
+    assert targets.dtype == torch.int64 and targets.tolist() == [3] * 4 and skipped == 0
+    expected = (128 / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
+    assert torch.allclose(images, expected.view(1, 3, 1, 1).expand_as(images), atol=1e-5)
+
+
+def test_epoch_order_is_deterministic_differs_across_epochs_and_repeats_nothing(tmp_path: Path) -> None:
+    urls = id_shards(tmp_path, "train", [9, 4, 7, 12])  # 32 samples
+    first, again, second = (epoch_batches(urls, epoch=e) for e in (0, 0, 1))
+    assert same_batches(first, again)
+    order = [ids_of(b[0]) for b in first]
+    assert order != [ids_of(b[0]) for b in second]
+    flat = [i for batch in order for i in batch]
+    assert len(flat) == 32 and sorted(flat) == list(range(32))  # one whole pass, no repeats
+    assert all(int(t) == i % NUM_CLASSES for b in first for i, t in zip(ids_of(b[0]), b[1]))
+
+
+def test_crops_depend_on_the_sample_not_on_worker_count(tmp_path: Path) -> None:
+    photos = [[(f"p{i:03d}", {"jpg": jpeg(i), "cls": b"1"}) for i in range(j, j + 6)] for j in (0, 6, 12)]
+    urls = write_shards(tmp_path, "train", photos)
+    crops = {}
+    for workers in (0, 2):  # 1 vs 2 slots: different batches, the same 18 samples
+        batches = epoch_batches(urls, batch_size=3, img_size=24, workers=workers)
+        crops[workers] = {image.numpy().tobytes() for images, _, _ in batches for image in images}
+    # each sample gets the same crop and flip in both runs (a crop identifies its sample)
+    assert crops[0] == crops[2] and len(crops[0]) == 18
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_start_batch_resumes_the_epoch_bit_identically(tmp_path: Path, workers: int) -> None:
+    urls = id_shards(tmp_path, "train", [11, 3, 8, 6, 4])  # 32 samples: 8 batches of 4
+    full = epoch_batches(urls, workers=workers, epoch=2)
+    assert len(full) == 8
+    for start in (1, 3, 7, 8):
+        loader = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=2, workers=workers,
+                                    start_batch=start)
+        assert len(loader) == 8 - start
+        assert same_batches(list(loader), full[start:])
+
+
+@pytest.mark.parametrize("sizes, workers", [([23, 5, 17, 1, 30, 9, 11], 0), ([23, 5, 17, 1, 30, 9, 11], 2),
+                                            ([19, 6], 2)], ids=["uneven", "uneven-workers", "fewer-shards"])
+def test_every_rank_gets_the_same_batches_and_no_sample_twice(tmp_path: Path, sizes: list[int],
+                                                               workers: int) -> None:
+    urls = id_shards(tmp_path, "train", sizes)
+    total, world, batch = sum(sizes), 2, 4
+    seen: list[int] = []
+    for rank in range(world):
+        loader = build_train_loader(urls, batch_size=batch, img_size=16, seed=1, epoch=3, rank=rank,
+                                    world_size=world, workers=workers)
+        batches = list(loader)
+        assert len(batches) == len(loader) == total // (batch * world)
+        assert all(images.shape[0] == batch for images, _, _ in batches)
+        seen += [i for images, _, _ in batches for i in ids_of(images)]
+    assert len(seen) == len(set(seen)) == (total // (batch * world)) * batch * world
+
+
+def test_set_epoch_retargets_the_loader(tmp_path: Path) -> None:
+    urls = id_shards(tmp_path, "train", [8, 8])
+    loader = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=0, workers=0)
+    loader.set_epoch(1, start_batch=2)
+    assert same_batches(list(loader), epoch_batches(urls, epoch=1)[2:])
+    with pytest.raises(ValueError, match="start_batch=5 outside 0..4"):
+        loader.set_epoch(1, start_batch=5)
+
+
+def test_impossible_settings_fail_at_build_time(tmp_path: Path) -> None:
+    urls = id_shards(tmp_path, "train", [3, 2])
+    with pytest.raises(ValueError, match="5 training samples .* fill no batch of 4 on each of 2"):
+        build_train_loader(urls, batch_size=4, img_size=16, seed=0, epoch=0, world_size=2)
+    with pytest.raises(ValueError, match="crop_pct"):
+        build_val_loader(urls, batch_size=4, img_size=16, crop_pct=1.5)
+    with pytest.raises(ValueError, match="rank=2"):
+        build_val_loader(urls, batch_size=4, img_size=16, crop_pct=1.0, rank=2, world_size=2)
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@pytest.mark.parametrize("world, workers", [(1, 0), (2, 1), (3, 2)])
+def test_validation_sees_every_sample_exactly_once(tmp_path: Path, world: int, workers: int) -> None:
+    urls = id_shards(tmp_path, "val", [7, 1, 14])  # fewer shards than slots in the last case
+    seen = []
+    for rank in range(world):
+        loader = build_val_loader(urls, batch_size=3, img_size=16, crop_pct=1.0, rank=rank, world_size=world,
+                                  workers=workers)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        seen += [i for images, _, _ in batches for i in ids_of(images)]
+    assert sorted(seen) == list(range(22))
+
+
+def test_eval_crop_matches_torchvision_resize_and_centre_crop() -> None:
+    import torchvision.transforms as T
+
+    smooth = np.asarray(Image.open(io.BytesIO(jpeg(3, (40, 30)))).resize((640, 480), Image.Resampling.BICUBIC))
+    for fmt in ("PNG", "JPEG"):
+        buf = io.BytesIO()
+        Image.fromarray(smooth).save(buf, fmt, quality=95)
+        ours = eval_crop(buf.getvalue(), 224, 256).permute(1, 2, 0).numpy().astype(int)
+        reference = T.Compose([T.Resize(256), T.CenterCrop(224)])(Image.open(io.BytesIO(buf.getvalue())))
+        diff = np.abs(ours - np.asarray(reference, dtype=int))
+        assert ours.shape == (224, 224, 3) and diff.max() <= 3 and diff.mean() < 0.5
+
+
+def test_jpeg_draft_decode_never_drops_below_the_output_size() -> None:
+    data_bytes = jpeg(1, (512, 384))
+    for keep, factor in ((1.9, 1), (2.0, 2), (3.9, 2), (4.5, 4), (20.0, 8)):
+        pixels, got = _decode(Image.open(io.BytesIO(data_bytes)), keep)
+        assert got == factor and pixels.shape == (-(-384 // factor), -(-512 // factor), 3)
+    # a 256-px crop of a 512x384 image shrunk to 64 px is decoded at 1/4 scale: 64 px left
+    for seed in range(20):
+        crop = train_crop(data_bytes, 64, random.Random(seed), scale=(0.3, 1.0))
+        assert crop.shape == (3, 64, 64) and crop.dtype == torch.uint8
+
+
+def test_accuracy_counts_and_single_process_all_reduce() -> None:
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.01, 0.05], [0.2, 0.3, 0.5], [0.3, 0.2, 0.1]])
+    targets = torch.tensor([1, 2, 0, 0])
+    assert accuracy_counts(logits, targets, topk=(1, 2)).tolist() == [2, 3, 4]
+    counts = accuracy_counts(logits, targets)  # top-5 of 3 classes: every sample
+    assert counts.dtype == torch.int64 and counts.tolist() == [2, 4, 4]
+    assert torch.equal(all_reduce_counts(counts), counts)
+    assert accuracy_counts(logits[:0], targets[:0]).tolist() == [0, 0, 0]
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def broken_dataset(folder: Path) -> tuple[str, set[int], int]:
+    """Shards with every kind of bad sample: (pattern, ids of good samples, bad sample count)."""
+    truncated_jpeg = jpeg(0)[:300]
+    shard0 = [sample(0),
+              ("s00001", {"png": b"\x89PNG\r\n\x1a\n garbage", "cls": b"1"}),  # undecodable
+              ("s00002", {"jpg": truncated_jpeg, "cls": b"2"}),  # opens, fails at decode
+              ("s00003", {"png": id_png(3)}),  # no label
+              ("s00004", {"png": id_png(4), "cls": b"four"}),  # non-integer label
+              ("s00005", {"png": id_png(5), "cls": b"12"})]  # label >= num_classes
+    shard1 = [sample(i) for i in range(6, 11)]  # will be cut inside sample 8's image
+    shard2 = [sample(i) for i in range(11, 15)]  # will be deleted
+    shard3 = [sample(i) for i in range(15, 20)] + [("s00020", {"cls": b"0"})]  # last has no image
+    pattern = write_shards(folder, "val", [shard0, shard1, shard2, shard3])
+    with tarfile.open(folder / "val-000001.tar") as tar:
+        cut = tar.getmember("s00008.png").offset_data + 10
+    with open(folder / "val-000001.tar", "r+b") as f:
+        f.truncate(cut)
+    (folder / "val-000002.tar").unlink()
+    return pattern, {0, 6, 7, 15, 16, 17, 18, 19}, 5 + 3 + 4 + 1
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_data_is_skipped_and_counted_in_validation(tmp_path: Path, workers: int, caplog) -> None:
+    pattern, good, bad = broken_dataset(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.data"):
+        batches = list(build_val_loader(pattern, batch_size=3, img_size=16, crop_pct=1.0, workers=workers))
+    assert sorted(i for images, _, _ in batches for i in ids_of(images)) == sorted(good)
+    assert sum(skipped for _, _, skipped in batches) == bad
+    if workers == 0:  # worker processes log to their own stderr
+        assert "truncated" in caplog.text and "does not decode" in caplog.text
+
+
+def test_bad_data_never_breaks_training_batches(tmp_path: Path) -> None:
+    pattern, good, _ = broken_dataset(tmp_path)
+    # 21 listed samples -> 5 batches of 4; only 10 pass the label/image checks, so the slot
+    # reads on, wrapping around, to fill its quota
+    runs = [epoch_batches(pattern, workers=w, start_batch=s) for w, s in ((0, 0), (0, 0), (0, 3), (2, 0))]
+    assert len(runs[0]) == 5 and all(images.shape == (4, 3, 16, 16) for images, _, _ in runs[0])
+    assert same_batches(runs[0], runs[1]) and same_batches(runs[0][3:], runs[2])
+    ids = [i for images, _, _ in runs[0] for i in ids_of(images)]
+    assert set(ids) <= good  # undecodable images were replaced by decodable ones of their batch
+    assert all(int(t) == i % NUM_CLASSES for images, targets, _ in runs[0]
+               for i, t in zip(ids_of(images), targets))
+    assert sum(s for _, _, s in runs[0]) >= 11 and len(runs[3]) == 5  # >= one lap of bad samples
+
+
+def test_a_batch_with_no_decodable_image_keeps_its_shape(tmp_path: Path) -> None:
+    urls = id_shards(tmp_path, "train", [4])
+    plan = build_train_loader(urls, batch_size=2, img_size=16, seed=0, epoch=0, workers=0).plan
+    chunk = [("a", b"junk", 1), ("b", b"\xff\xd8 also junk", 2)]
+    images, targets, failed = data._decode_train_batch(chunk, plan, Normalizer(plan.mean, plan.std))
+    assert images.shape == (2, 3, 16, 16) and targets.tolist() == [1, 2] and failed == 2
+    assert torch.isfinite(images).all()
+
+
+def test_shards_without_any_usable_sample_raise_instead_of_spinning(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, "train", [[(f"k{i}", {"png": id_png(i)}) for i in range(4)]] * 2)
+    with pytest.raises(RuntimeError, match="no usable sample in any of the 2 training shards"):
+        epoch_batches(urls, batch_size=2)
+
+
+def test_warnings_are_rate_limited(caplog) -> None:
+    warn = data._RateLimitedWarning(burst=2, interval_s=3600)
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.data"):
+        for n in range(6):
+            warn("bad sample %d", n)
+    assert [r.getMessage() for r in caplog.records] == ["bad sample 0", "bad sample 1"]
+    warn.last -= 3600  # an interval later the next one gets through, saying how many were held
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.data"):
+        warn("bad sample %d", 6)
+    assert caplog.records[-1].getMessage() == "bad sample 6 (4 similar warnings held back)"
+
+
+# ---------------------------------------------------------------- bundled data
+
+
+def test_bundled_digits_shards_feed_both_loaders() -> None:
+    folder = REPO / "shards" / "digits"
+    info = read_info(str(folder))
+    assert info["class_names"] == [str(d) for d in range(10)] and info["num_classes"] == 10
+    assert info["splits"]["train"]["num_samples"] == 1437 and info["splits"]["val"]["num_samples"] == 360
+    train = build_train_loader(str(folder / "train-{000000..000007}.tar"), batch_size=64, img_size=32, seed=0,
+                               epoch=0, workers=0)
+    batches = list(train)
+    assert len(batches) == 22 and sum(s for _, _, s in batches) == 0
+    assert set(torch.cat([t for _, t, _ in batches]).tolist()) == set(range(10))
+    val = build_val_loader(str(folder / "val-{000000..000001}.tar"), batch_size=256, img_size=32, crop_pct=1.0,
+                           workers=0)
+    assert sum(t.numel() for _, t, _ in val) == 360
+
+
+# ---------------------------------------------------------------- two processes
+
+
+def toy_logits(images: torch.Tensor) -> torch.Tensor:
+    """Per-sample logits that depend only on the sample: predicts class (3 * id) % 10."""
+    predicted = torch.tensor(ids_of(images)) * 3 % NUM_CLASSES
+    return -((torch.arange(NUM_CLASSES).view(1, -1) - predicted.view(-1, 1)) % NUM_CLASSES).float()
+
+
+def _ddp_job(rank: int, world: int, root: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    train = build_train_loader(f"{root}/train-*.tar", batch_size=4, img_size=16, seed=7, epoch=1, rank=rank,
+                               world_size=world, workers=2)
+    steps, train_ids = 0, []
+    for images, _, _ in train:
+        dist.all_reduce(torch.ones(1))  # one collective per step as in DDP: unequal counts would hang
+        steps += 1
+        train_ids += ids_of(images)
+    val = build_val_loader(f"{root}/val-*.tar", batch_size=5, img_size=16, crop_pct=1.0, rank=rank,
+                           world_size=world, workers=2)
+    counts, val_ids = torch.zeros(3, dtype=torch.int64), []
+    for images, targets, _ in val:
+        counts += accuracy_counts(toy_logits(images), targets)
+        val_ids += ids_of(images)
+    result = {"steps": steps, "train_ids": train_ids, "val_ids": val_ids,
+              "total": all_reduce_counts(counts).tolist()}
+    Path(root, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_train_steps_and_exact_validation(tmp_path: Path) -> None:
+    id_shards(tmp_path, "train", [23, 5, 17, 1, 30, 9, 11])  # 96 samples, uneven
+    id_shards(tmp_path, "val", [20, 3, 24], first=1000)  # 47 samples, 3 shards for 4 slots
+    mp.spawn(_ddp_job, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 96 // (4 * 2)
+    train_ids = ranks[0]["train_ids"] + ranks[1]["train_ids"]
+    assert len(train_ids) == len(set(train_ids)) == 96
+    assert sorted(ranks[0]["val_ids"] + ranks[1]["val_ids"]) == list(range(1000, 1047))
+    single = torch.zeros(3, dtype=torch.int64)
+    for images, targets, _ in build_val_loader(f"{tmp_path}/val-*.tar", batch_size=7, img_size=16, crop_pct=1.0,
+                                               workers=0):
+        single += accuracy_counts(toy_logits(images), targets)
+    assert ranks[0]["total"] == ranks[1]["total"] == single.tolist()
+    assert 0 < single[0] < single[1] < single[2] == 47
