@@ -1,0 +1,19 @@
+"""Benchmarks: ``python -m hrnet_cls.bench {models,data} [options]`` (``--help`` on each)."""
+import importlib
+import sys
+
+BENCHMARKS = {
+    'models': 'hrnet_cls.bench.models',  # train step speed / memory against timm's implementation
+    'data': 'hrnet_cls.bench.data',  # train input pipeline from shards against timm's wds reader
+}
+
+
+def main(argv: list) -> int:
+    if not argv or argv[0] not in BENCHMARKS:
+        print(f"usage: python -m hrnet_cls.bench {{{','.join(BENCHMARKS)}}} [options]", file=sys.stderr)
+        return 2
+    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+
+
+if __name__ == '__main__':
+    raise SystemExit(main(sys.argv[1:]))
