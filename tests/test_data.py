@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from hrnet_cls import data
+from hrnet_cls.data import loaders, sources
 from hrnet_cls.data import (
     accuracy_counts,
     all_reduce_counts,
@@ -32,7 +32,7 @@ from hrnet_cls.data import (
     read_info,
     shard_lengths,
 )
-from hrnet_cls.transforms import (
+from hrnet_cls.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     Normalizer,
@@ -336,7 +336,7 @@ def test_a_batch_with_no_decodable_image_keeps_its_shape(tmp_path: Path) -> None
     urls = id_shards(tmp_path, "train", [4])
     plan = build_train_loader(urls, batch_size=2, img_size=16, seed=0, epoch=0, workers=0).plan
     chunk = [("a", b"junk", 1), ("b", b"\xff\xd8 also junk", 2)]
-    images, targets, failed = data._decode_train_batch(chunk, plan, Normalizer(plan.mean, plan.std))
+    images, targets, failed = loaders._decode_train_batch(chunk, plan, Normalizer(plan.mean, plan.std))
     assert images.shape == (2, 3, 16, 16) and targets.tolist() == [1, 2] and failed == 2
     assert torch.isfinite(images).all()
 
@@ -348,7 +348,7 @@ def test_shards_without_any_usable_sample_raise_instead_of_spinning(tmp_path: Pa
 
 
 def test_warnings_are_rate_limited(caplog) -> None:
-    warn = data._RateLimitedWarning(burst=2, interval_s=3600)
+    warn = sources._RateLimitedWarning(burst=2, interval_s=3600)
     with caplog.at_level(logging.WARNING, logger="hrnet_cls.data"):
         for n in range(6):
             warn("bad sample %d", n)

@@ -1,54 +1,29 @@
-"""Input pipelines over webdataset shards (SPEC sections 5 and 6).
-
-Training (``build_train_loader``) is a pure function of (shards, seed, epoch, rank, world
-size, workers): every rank yields the same number of batches, batch ``k`` is the same
-tensors whether the epoch ran through or was resumed with ``start_batch=k``.
-
-- The shards, in an order permuted per (seed, epoch), are laid end to end as one sequence
-  of samples. Each (rank, worker) *slot* reads its own contiguous stretch of that sequence,
-  sized to its exact quota of batches, so slots never overlap and a shard may be shared
-  by slots (fewer shards than slots is fine). Quota per rank = total // (batch x world).
-- A slot shuffles its samples through a buffer seeded by (seed, epoch, rank, slot), cuts
-  batches, and decodes them with per-sample randomness seeded by (seed, epoch, key).
-- Rank batch ``b`` comes from slot ``b % workers``; DataLoader worker ``w`` plays slot
-  ``(w + start_batch) % workers`` so its round robin starts at batch ``start_batch``, and
-  skipped batches are cut from raw bytes without decoding.
-- Bad data: a sample with no image, a missing or bad label, a truncated tar or a missing
-  shard is skipped before the shuffle (the slot reads on into the next stretch to fill its
-  quota); an image that fails to decode is replaced by another sample of its batch with a
-  fresh crop, so batches always hold ``batch_size`` images. Both are counted.
-
-Evaluation (``build_val_loader``) splits the sequence of samples, in the given shard
-order, into contiguous stretches across all (rank, worker) slots: every readable sample is
-seen exactly once; ranks may yield different numbers of batches.
-
-Batches are ``(images, targets, skipped)``: float32 (B, 3, S, S) normalised, int64 (B,), and
-the number of bad samples this worker skipped since its previous batch.
-"""
+"""Training and evaluation loaders over shards; the design is described in hrnet_cls.data."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
-import json
 import logging
-import os
-import re
 import sys
-import tarfile
-import time
 from dataclasses import dataclass
-from itertools import islice
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, Sequence
 
-import braceexpand
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
-from hrnet_cls.transforms import (
+from hrnet_cls.data.sources import (
+    RawSample,
+    Segment,
+    SkipCounter,
+    chunks,
+    expand_urls,
+    num_classes_of,
+    read_info,
+    read_segment,
+    shard_lengths,
+    shuffle_buffer,
+    warn,
+)
+from hrnet_cls.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     INTERPOLATIONS,
@@ -59,271 +34,6 @@ from hrnet_cls.transforms import (
 )
 
 logger = logging.getLogger(__name__)
-
-__all__ = [
-    "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "TrainLoader", "ValLoader", "accuracy_counts",
-    "all_reduce_counts", "build_train_loader", "build_val_loader", "expand_urls", "read_info",
-    "shard_lengths",
-]
-
-INFO_NAME = "_info.json"
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # sample extensions tried, in this order
-_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http://, s3://, ...
-RawSample = tuple[str, bytes, int]  # (key, encoded image, class index)
-T = TypeVar("T")
-
-
-# ---------------------------------------------------------------- warnings
-
-
-class _RateLimitedWarning:
-    """Log the first ``burst`` warnings, then at most one per ``interval_s`` seconds, saying
-    how many were held back (bad data in a large dataset must not flood the log)."""
-
-    def __init__(self, burst: int = 10, interval_s: float = 30.0) -> None:
-        self.burst, self.interval_s = burst, interval_s
-        self.count, self.held, self.last = 0, 0, 0.0
-
-    def __call__(self, msg: str, *args: object) -> None:
-        self.count += 1
-        now = time.monotonic()
-        if self.count > self.burst and now - self.last < self.interval_s:
-            self.held += 1
-            return
-        if self.held:
-            msg += f" ({self.held} similar warnings held back)"
-            self.held = 0
-        self.last = now
-        logger.warning(msg, *args)
-
-
-_warn = _RateLimitedWarning()
-
-
-# ---------------------------------------------------------------- shard lists
-
-
-def _is_remote(url: str) -> bool:
-    return bool(_SCHEME.match(url)) and not url.startswith("file:")
-
-
-def _expand_pattern(pattern: str) -> list[str]:
-    names = list(braceexpand.braceexpand(pattern))
-    if _is_remote(pattern):
-        return names  # pipe: commands and URLs are opened by webdataset's gopen
-    paths: list[str] = []
-    for name in names:
-        name = os.path.expanduser(re.sub(r"^file:(//)?", "", name))
-        paths += sorted(glob.glob(name)) if glob.has_magic(name) else [name]
-    found = [p for p in paths if os.path.isfile(p)]
-    if not found:
-        hint = " (a directory; name its shards, e.g. DIR/train-*.tar)" if os.path.isdir(pattern) else ""
-        raise FileNotFoundError(f"no shard file matches {pattern!r}{hint}")
-    if len(found) < len(paths):
-        missing = sorted(set(paths) - set(found))
-        logger.warning("%d of the %d shards named by %r are missing (e.g. %s); their samples will be "
-                       "skipped", len(missing), len(paths), pattern, missing[0])
-    return paths
-
-
-def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from brace patterns (``train-{000000..000007}.tar``), globs, plain paths,
-    ``pipe:`` commands and URLs; a string may join several with ``::``.
-
-    Raises FileNotFoundError naming a local pattern that matches no file. Paths named by a
-    pattern that matches some files but not all are kept (and skipped when read).
-    """
-    patterns = urls.split("::") if isinstance(urls, str) else [os.fspath(u) for u in urls]
-    expanded = [url for pattern in patterns if pattern.strip() for url in _expand_pattern(pattern.strip())]
-    if not expanded:
-        raise FileNotFoundError(f"no shards given: {urls!r}")
-    return expanded
-
-
-def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
-    """Where the _info.json for these shards would be: beside the first one."""
-    if isinstance(urls_or_dir, (str, os.PathLike)) and os.path.isdir(urls_or_dir):
-        return os.path.join(urls_or_dir, INFO_NAME)
-    if isinstance(urls_or_dir, str):
-        first = expand_urls(urls_or_dir)[0]
-    else:  # already a list: its first entry's folder is enough (no globbing again)
-        first = next(iter(braceexpand.braceexpand(os.fspath(urls_or_dir[0]))))
-    if first.startswith("pipe:"):
-        return None
-    if _is_remote(first):
-        return first.rsplit("/", 1)[0] + "/" + INFO_NAME
-    return os.path.join(os.path.dirname(first), INFO_NAME)
-
-
-def _load_info(where: str | None) -> dict | None:
-    if where is None or not (_is_remote(where) or os.path.isfile(where)):
-        return None
-    try:
-        with gopen(where) as f:
-            info = json.load(f)
-    except Exception as exc:  # noqa: BLE001 - an unreadable index only costs a recount
-        logger.warning("cannot read %s (%r); counting samples in the shards instead", where, exc)
-        return None
-    if not isinstance(info, dict):
-        logger.warning("%s is not a JSON object; ignored", where)
-        return None
-    return info
-
-
-def read_info(urls_or_dir: str | Sequence[str]) -> dict | None:
-    """The _info.json beside the shards (or in the directory given), None if there is none."""
-    return _load_info(_info_location(urls_or_dir))
-
-
-def _norm(url: str) -> str:
-    return url if _is_remote(url) else os.path.normpath(os.path.abspath(url))
-
-
-def _known_lengths(info: dict | None, where: str | None) -> dict[str, int]:
-    """{normalised shard url: sample count} for every split listed in an _info.json."""
-    if not info or where is None:
-        return {}
-    base = where.rsplit("/", 1)[0]  # the index lists shards relative to its own folder
-    known = {}
-    for split in info.get("splits", {}).values():
-        for name, count in zip(split.get("filenames", ()), split.get("shard_lengths", ())):
-            known[_norm(f"{base}/{name}")] = int(count)
-    return known
-
-
-def _open_tar(url: str) -> tarfile.TarFile:
-    if _is_remote(url):
-        return tarfile.open(fileobj=gopen(url), mode="r|*")
-    return tarfile.open(url, mode="r:*")  # seekable: iterating members skips file data
-
-
-def count_samples(url: str) -> int:
-    """Samples (distinct consecutive keys) in one shard; what is readable if it is damaged."""
-    count, last = 0, None
-    try:
-        with contextlib.closing(_open_tar(url)) as tar:
-            for member in tar:
-                key = base_plus_ext(member.name)[0] if member.isreg() else None
-                if key is not None and key != last:
-                    count, last = count + 1, key
-    except (OSError, tarfile.TarError, ValueError) as exc:
-        _warn("%s: counted %d samples before %r", url, count, exc)
-    return count
-
-
-def shard_lengths(urls: Sequence[str]) -> list[int]:
-    """Samples per shard of an expanded list: from the _info.json beside the first shard
-    where it lists the shard, else counted by reading the tar headers."""
-    where = _info_location(urls)
-    known = _known_lengths(_load_info(where), where)
-    lengths = [known.get(_norm(url)) for url in urls]
-    unknown = [url for url, n in zip(urls, lengths) if n is None]
-    if unknown:
-        logger.info("counting the samples of %d shard(s) not listed in an _info.json", len(unknown))
-    return [count_samples(url) if n is None else n for url, n in zip(urls, lengths)]
-
-
-def _num_classes(info: dict | None, given: int | None) -> int | None:
-    if given is not None or not info:
-        return given
-    if "num_classes" in info:
-        return int(info["num_classes"])
-    return len(info["class_names"]) if info.get("class_names") else None
-
-
-# ---------------------------------------------------------------- reading samples
-
-
-@dataclass(frozen=True)
-class Segment:
-    """Samples [start, stop) of one shard, counted in tar order."""
-
-    url: str
-    start: int
-    stop: int
-
-
-@dataclass
-class _Counter:
-    """Bad samples skipped so far by this worker."""
-
-    n: int = 0
-
-
-def _handler(stage: str, url: str) -> Callable[[Exception], bool]:
-    """Per-stage webdataset error handler: warn and carry on with what is readable."""
-    def handle(exc: Exception) -> bool:
-        _warn("%s: %s stage: %r; skipping what it could not read", url, stage, exc)
-        return True
-    return handle
-
-
-def _check_sample(sample: dict, num_classes: int | None) -> RawSample | str:
-    """(key, image bytes, class index), or why the sample is unusable."""
-    key = sample.get("__key__", "?")
-    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if image is None:
-        return f"{key}: no .jpg/.png/.webp image"
-    if "cls" not in sample:
-        return f"{key}: no .cls label"
-    try:
-        target = int(sample["cls"])
-    except ValueError:
-        return f"{key}: label {bytes(sample['cls'][:20])!r} is not an integer"
-    if target < 0 or (num_classes is not None and target >= num_classes):
-        return f"{key}: label {target} outside 0..{(num_classes or 0) - 1}"
-    return key, image, target
-
-
-def read_segment(seg: Segment, num_classes: int | None, skipped: _Counter) -> Iterator[RawSample]:
-    """Usable samples of ``seg``; unusable, unreadable or missing ones are added to ``skipped``."""
-    try:
-        stream = gopen(seg.url)
-    except Exception as exc:  # noqa: BLE001 - a missing or unreachable shard is skipped, not fatal
-        _warn("%s: cannot open (%r); skipping its %d samples", seg.url, exc, seg.stop - seg.start)
-        skipped.n += seg.stop - seg.start
-        return
-    seen = 0
-    try:
-        files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=_handler("tar", seg.url))
-        for index, sample in enumerate(group_by_keys(files, handler=_handler("group", seg.url))):
-            if index >= seg.stop:
-                break
-            if index < seg.start:
-                continue
-            seen += 1
-            raw = _check_sample(sample, num_classes)
-            if isinstance(raw, str):
-                _warn("%s: %s; skipped", seg.url, raw)
-                skipped.n += 1
-                continue
-            yield raw
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()
-    if seen < seg.stop - seg.start:
-        _warn("%s: %d of its samples missing (truncated tar?); skipped", seg.url, seg.stop - seg.start - seen)
-        skipped.n += seg.stop - seg.start - seen
-
-
-def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
-    it = iter(items)
-    while chunk := list(islice(it, size)):
-        yield chunk
-
-
-def shuffle_buffer(items: Iterable[T], size: int, rng) -> Iterator[T]:
-    """Shuffle a stream through a buffer of ``size`` items (deterministic given ``rng``)."""
-    buf: list[T] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
 
 
 # ---------------------------------------------------------------- training
@@ -386,7 +96,7 @@ def _cyclic_segments(plan: TrainPlan, start: int) -> Iterator[Segment]:
             yield Segment(plan.urls[i], 0, plan.lengths[i])
 
 
-def _slot_stream(plan: TrainPlan, slot: int, skipped: _Counter) -> Iterator[RawSample]:
+def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[RawSample]:
     """Exactly the slot's quota of usable samples, read from its stretch on."""
     quota = plan.slot_batches(slot) * plan.batch_size
     got, fruitless = 0, 0
@@ -417,7 +127,7 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
             normalize(train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw), images[i])
             good.append(i)
         except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            _warn("sample %s: image does not decode (%r); replaced by another of its batch", key, exc)
+            warn("sample %s: image does not decode (%r); replaced by another of its batch", key, exc)
             failed.append(i)
     for n, i in enumerate(failed):
         if not good:  # the whole batch is undecodable: black images keep the batch shape
@@ -432,13 +142,13 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
 
 def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
     """(rank batch index, images, targets, skipped) for one slot, from start_batch on."""
-    skipped = _Counter()
+    skipped = SkipCounter()
     rng = sample_rng(plan.seed, plan.epoch, plan.rank, slot, "buffer")
     stream = shuffle_buffer(_slot_stream(plan, slot, skipped), plan.buffer, rng)
     normalize = Normalizer(plan.mean, plan.std)
     first = max(0, -(-(plan.start_batch - slot) // plan.slots))  # local batches before start_batch
     reported = 0
-    for local, chunk in enumerate(_chunks(stream, plan.batch_size)):
+    for local, chunk in enumerate(chunks(stream, plan.batch_size)):
         # skips are charged to the batch whose reading met them: the same with or without resume
         new_skips, reported = skipped.n - reported, skipped.n
         if local < first:
@@ -543,7 +253,7 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     info = read_info(shard_urls)
     plan = TrainPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size, seed,
                      epoch, rank, world_size, max(1, workers), start_batch, max(1, shuffle_buffer),
-                     _num_classes(info, num_classes), tuple(mean), tuple(std), interpolation,
+                     num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation,
                      tuple(scale), tuple(ratio), hflip)
     if plan.batches == 0:
         raise ValueError(f"{sum(plan.lengths)} training samples in {urls!r} fill no batch of {batch_size} "
@@ -592,7 +302,7 @@ class ValPlan:
 def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Batches of the slot's decodable samples. A full batch is held until the next one is
     cut, so skips met after it still reach the caller on the last batch."""
-    skipped, normalize = _Counter(), Normalizer(plan.mean, plan.std)
+    skipped, normalize = SkipCounter(), Normalizer(plan.mean, plan.std)
     held: tuple[torch.Tensor, torch.Tensor] | None = None
     images = torch.empty(plan.batch_size, 3, plan.img_size, plan.img_size)
     targets: list[int] = []
@@ -601,7 +311,7 @@ def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, 
             try:
                 pixels = eval_crop(data, plan.img_size, plan.resize, interpolation=plan.interpolation)
             except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-                _warn("sample %s: image does not decode (%r); skipped", key, exc)
+                warn("sample %s: image does not decode (%r); skipped", key, exc)
                 skipped.n += 1
                 continue
             normalize(pixels, images[len(targets)])
@@ -672,29 +382,5 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
     info = read_info(shard_urls)
     plan = ValPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size,
                    round(img_size / crop_pct), rank, world_size, max(1, workers),
-                   _num_classes(info, num_classes), tuple(mean), tuple(std), interpolation)
+                   num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation)
     return ValLoader(plan, workers, pin_memory)
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """int64 [correct in top-k for each k, number of samples], on the logits' device.
-
-    logits: (N, C); targets: (N,). k above C counts as C (every sample is then correct).
-    Counts, unlike averages, add up exactly over batches and processes.
-    """
-    maxk = min(max(topk), logits.shape[1])
-    hits = logits.topk(maxk, dim=1).indices.eq(targets.view(-1, 1))  # (N, maxk)
-    counts = [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
-    counts.append(torch.tensor(targets.shape[0], device=logits.device))
-    return torch.stack(counts).to(torch.int64)
-
-
-def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
-    """Sum of ``counts`` over all processes when torch.distributed is initialised (a copy)."""
-    total = counts.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total

@@ -1,0 +1,44 @@
+"""Input pipelines over webdataset shards (SPEC sections 5 and 6).
+
+Training (``build_train_loader``) is a pure function of (shards, seed, epoch, rank, world
+size, workers): every rank yields the same number of batches, batch ``k`` is the same
+tensors whether the epoch ran through or was resumed with ``start_batch=k``.
+
+- The shards, in an order permuted per (seed, epoch), are laid end to end as one sequence
+  of samples. Each (rank, worker) *slot* reads its own contiguous stretch of that sequence,
+  sized to its exact quota of batches, so slots never overlap and a shard may be shared
+  by slots (fewer shards than slots is fine). Quota per rank = total // (batch x world).
+- A slot shuffles its samples through a buffer seeded by (seed, epoch, rank, slot), cuts
+  batches, and decodes them with per-sample randomness seeded by (seed, epoch, key).
+- Rank batch ``b`` comes from slot ``b % workers``; DataLoader worker ``w`` plays slot
+  ``(w + start_batch) % workers`` so its round robin starts at batch ``start_batch``, and
+  skipped batches are cut from raw bytes without decoding.
+- Bad data: a sample with no image, a missing or bad label, a truncated tar or a missing
+  shard is skipped before the shuffle (the slot reads on into the next stretch to fill its
+  quota); an image that fails to decode is replaced by another sample of its batch with a
+  fresh crop, so batches always hold ``batch_size`` images. Both are counted.
+
+Evaluation (``build_val_loader``) splits the sequence of samples, in the given shard
+order, into contiguous stretches across all (rank, worker) slots: every readable sample is
+seen exactly once; ranks may yield different numbers of batches.
+
+Batches are ``(images, targets, skipped)``: float32 (B, 3, S, S) normalised, int64 (B,), and
+the number of bad samples this worker skipped since its previous batch. For accuracy, sum
+``accuracy_counts`` per batch and ``all_reduce_counts`` once: 2 processes give exactly the
+1-process numbers.
+
+Modules: ``sources`` (shard lists, _info.json, reading and checking samples), ``transforms``
+(decode + crop + normalise one image), ``loaders`` (the plans above), ``metrics``.
+"""
+from __future__ import annotations
+
+from hrnet_cls.data.loaders import TrainLoader, ValLoader, build_train_loader, build_val_loader
+from hrnet_cls.data.metrics import accuracy_counts, all_reduce_counts
+from hrnet_cls.data.sources import expand_urls, read_info, shard_lengths
+from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+__all__ = [
+    "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "TrainLoader", "ValLoader", "accuracy_counts",
+    "all_reduce_counts", "build_train_loader", "build_val_loader", "expand_urls", "read_info",
+    "shard_lengths",
+]
