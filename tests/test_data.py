@@ -264,13 +264,24 @@ def test_eval_crop_matches_torchvision_resize_and_centre_crop() -> None:
 
 def test_jpeg_draft_decode_never_drops_below_the_output_size() -> None:
     data_bytes = jpeg(1, (512, 384))
+    full = np.asarray(Image.open(io.BytesIO(data_bytes)).convert("RGB"))
     for keep, factor in ((1.9, 1), (2.0, 2), (3.9, 2), (4.5, 4), (20.0, 8)):
         pixels, got = _decode(Image.open(io.BytesIO(data_bytes)), keep)
-        assert got == factor and pixels.shape == (-(-384 // factor), -(-512 // factor), 3)
+        assert got == factor and tuple(pixels.shape) == (-(-384 // factor), -(-512 // factor), 3)
+        if factor == 1:
+            assert np.array_equal(pixels, full)
     # a 256-px crop of a 512x384 image shrunk to 64 px is decoded at 1/4 scale: 64 px left
     for seed in range(20):
         crop = train_crop(data_bytes, 64, random.Random(seed), scale=(0.3, 1.0))
         assert crop.shape == (3, 64, 64) and crop.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("keep", [1.0, 4.0], ids=["full-scale", "draft"])
+def test_truncated_or_corrupt_jpeg_raises_at_any_decode_scale(keep: float) -> None:
+    good = jpeg(2, (256, 192))
+    for bad in (good[: len(good) // 2], good[:200] + bytes(len(good) - 200)):
+        with pytest.raises(OSError):
+            _decode(Image.open(io.BytesIO(bad)), keep)
 
 
 def test_accuracy_counts_and_single_process_all_reduce() -> None:
@@ -424,3 +435,15 @@ def test_two_gloo_processes_equal_train_steps_and_exact_validation(tmp_path: Pat
         single += accuracy_counts(toy_logits(images), targets)
     assert ranks[0]["total"] == ranks[1]["total"] == single.tolist()
     assert 0 < single[0] < single[1] < single[2] == 47
+
+
+def test_data_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
+    from hrnet_cls.bench.data import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--images", "8", "--size", "64x48", "--batch", "4", "--img-size", "32", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"train ours", "train timm", "train timm-nojitter", "eval ours", "eval timm"}
+    assert all(row["images"] == 8 for row in results.values())
+    assert results["train ours"]["x_vs_timm"] > 0
