@@ -329,6 +329,12 @@ def test_bad_data_is_skipped_and_counted_in_validation(tmp_path: Path, workers: 
         assert "truncated" in caplog.text and "does not decode" in caplog.text
 
 
+def test_a_val_worker_with_only_bad_samples_reports_them_in_an_empty_batch(tmp_path: Path) -> None:
+    urls = write_shards(tmp_path, "val", [[(f"k{i}", {"png": id_png(i)}) for i in range(3)]])  # no labels
+    batches = list(build_val_loader(urls, batch_size=2, img_size=16, crop_pct=1.0, workers=0))
+    assert [(images.shape, skipped) for images, _, skipped in batches] == [((0, 3, 16, 16), 3)]
+
+
 def test_bad_data_never_breaks_training_batches(tmp_path: Path) -> None:
     pattern, good, _ = broken_dataset(tmp_path)
     # 21 listed samples -> 5 batches of 4; only 10 pass the label/image checks, so the slot
