@@ -12,6 +12,7 @@ import glob
 import json
 import logging
 import os
+import random
 import re
 import tarfile
 import time
@@ -142,11 +143,13 @@ def _known_lengths(info: dict | None, where: str | None) -> dict[str, int]:
     """{normalised shard url: sample count} for every split listed in an _info.json."""
     if not info or where is None:
         return {}
-    base = where.rsplit("/", 1)[0]  # the index lists shards relative to its own folder
+    # the index lists shards relative to its own folder
+    remote = _is_remote(where)
+    base = where.rsplit("/", 1)[0] if remote else os.path.dirname(where)
     known = {}
     for split in info.get("splits", {}).values():
         for name, count in zip(split.get("filenames", ()), split.get("shard_lengths", ())):
-            known[_norm(f"{base}/{name}")] = int(count)
+            known[_norm(f"{base}/{name}" if remote else os.path.join(base, name))] = int(count)
     return known
 
 
@@ -271,7 +274,7 @@ def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def shuffle_buffer(items: Iterable[T], size: int, rng) -> Iterator[T]:
+def shuffle_buffer(items: Iterable[T], size: int, rng: random.Random) -> Iterator[T]:
     """Shuffle a stream through a buffer of ``size`` items (deterministic given ``rng``)."""
     buf: list[T] = []
     for item in items:
