@@ -76,7 +76,7 @@ def demo_recipe() -> Config:
         batch_size=64, val_batch_size=256, workers=2, img_size=32, crop_pct=1.0,
     )
     cfg.optim.lr = 0.1
-    cfg.schedule = dataclasses.replace(cfg.schedule, epochs=6, decay_epochs=[4], warmup_epochs=0)
+    cfg.schedule = dataclasses.replace(cfg.schedule, epochs=20, decay_epochs=[14, 18], warmup_epochs=0)
     cfg.train = dataclasses.replace(cfg.train, channels_last=False, log_interval=10)
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, output_dir="runs/demo_digits", keep=1, resume="")
     cfg.wandb = dataclasses.replace(cfg.wandb, mode="offline", tags=["demo"])
