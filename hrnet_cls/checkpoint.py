@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shutil
 import subprocess
 import tempfile
 from collections.abc import Mapping
@@ -270,6 +269,22 @@ def find_resume(output_dir: str | Path) -> Path | None:
     return found[0][1] if found else None
 
 
+def resume_path(resume: str, output_dir: str | Path) -> Path | None:
+    """Which checkpoint checkpoint.resume means: "" = none, "auto" = find_resume(output_dir)
+    (None when there is none), else that path, which must exist.
+
+    Under DDP decide on rank 0 and share the answer (distributed.broadcast_object), so
+    that every rank loads the same file with load_checkpoint.
+    """
+    if resume == "":
+        return None
+    if resume == "auto":
+        return find_resume(output_dir)
+    if not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist")
+    return Path(resume)
+
+
 def load_resume(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
     """Fully load the newest valid checkpoint, falling back to older ones if it fails."""
     for _, path in _readable_steps(Path(output_dir)):
@@ -334,7 +349,8 @@ class CheckpointManager:
         else:
             path, state = Path(resume), load_checkpoint(resume)
         self.best_metric = state.get("best_metric")
-        logger.info("resuming from %s: epoch %d, batch %d, step %d", path, state["epoch"], state["batch_in_epoch"], state["step"])
+        logger.info("resuming from %s: epoch %d, batch %d, step %d",
+                    path, state["epoch"], state["batch_in_epoch"], state["step"])
         return state
 
 

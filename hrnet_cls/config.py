@@ -461,10 +461,16 @@ def _validate_schedule(s: ScheduleConfig) -> None:
     _require(s.epochs >= 1, f"schedule.epochs must be >= 1, got {s.epochs}")
     _require(0.0 < s.decay_rate <= 1.0, f"schedule.decay_rate must be in (0, 1], got {s.decay_rate}")
     _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
-    _require(s.warmup_epochs < s.epochs, f"schedule.warmup_epochs ({s.warmup_epochs}) must be < schedule.epochs ({s.epochs})")
+    _require(
+        s.warmup_epochs < s.epochs,
+        f"schedule.warmup_epochs ({s.warmup_epochs}) must be < schedule.epochs ({s.epochs})",
+    )
     steps = s.decay_epochs
     _require(all(e >= 1 for e in steps), f"schedule.decay_epochs must be >= 1, got {steps}")
-    _require(all(a < b for a, b in zip(steps, steps[1:])), f"schedule.decay_epochs must be strictly increasing, got {steps}")
+    _require(
+        all(a < b for a, b in zip(steps, steps[1:])),
+        f"schedule.decay_epochs must be strictly increasing, got {steps}",
+    )
     _require(
         not steps or steps[0] >= s.warmup_epochs,
         f"schedule.decay_epochs {steps} starts inside the warm-up (schedule.warmup_epochs={s.warmup_epochs})",

@@ -89,6 +89,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """src's obj on every rank (e.g. the checkpoint path rank 0 chose to resume from)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

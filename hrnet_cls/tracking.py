@@ -181,7 +181,8 @@ class Tracker:
         kept: list[dict[str, str]] = []
         if start_epoch > 0 and self.summary_path.is_file():
             with open(self.summary_path, newline="") as f:
-                kept = [row for row in csv.DictReader(f) if row.get("epoch", "").isdigit() and int(row["epoch"]) < start_epoch]
+                rows = csv.DictReader(f)
+                kept = [r for r in rows if r.get("epoch", "").isdigit() and int(r["epoch"]) < start_epoch]
         with open(self.summary_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
             writer.writeheader()

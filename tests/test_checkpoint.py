@@ -26,9 +26,10 @@ from hrnet_cls.checkpoint import (
     load_into_model,
     restore_rng,
     restore_state,
+    resume_path,
     save_checkpoint,
 )
-from hrnet_cls.config import Config, config_to_dict
+from hrnet_cls.config import Config, config_to_dict, load_config
 from hrnet_cls.optim import build_optimizer
 
 CONFIG = config_to_dict(Config())
@@ -168,7 +169,7 @@ def test_manager_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
     assert load_checkpoint(tmp_path / "best.pth")["step"] == 400
     assert load_checkpoint(tmp_path / "epoch_0003.pth")["step"] == 400
     assert load_checkpoint(tmp_path / "last.pth")["best_metric"] == 50.0
-    assert (tmp_path / "config.yaml").is_file()
+    assert load_config(str(tmp_path / "config.yaml")) == Config()  # the resolved config beside them
     resumed = CheckpointManager(tmp_path, keep=2)
     assert resumed.resume("auto")["step"] == 500 and resumed.best_metric == 50.0
 
@@ -204,6 +205,11 @@ def test_resume_modes(tmp_path, model) -> None:
     assert manager.resume(str(tmp_path / "x.pth"))["epoch"] == 4
     with pytest.raises(FileNotFoundError):
         manager.resume(str(tmp_path / "missing.pth"))
+    assert resume_path("", tmp_path) is None and resume_path("auto", tmp_path / "empty") is None
+    assert resume_path("auto", tmp_path) is None  # x.pth is not one of the run's file names
+    assert resume_path(str(tmp_path / "x.pth"), tmp_path) == tmp_path / "x.pth"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resume_path(str(tmp_path / "missing.pth"), tmp_path)
 
 
 def test_finetune_with_other_num_classes_drops_only_the_classifier(tmp_path, model) -> None:

@@ -114,7 +114,8 @@ def test_unknown_key_in_override_suggests_closest(tmp_path) -> None:
 
 def test_unknown_key_in_yaml_suggests_closest(tmp_path) -> None:
     path = write_recipe(tmp_path, lambda raw: raw["schedule"].update(decay_epoch=[1]))
-    with pytest.raises(ConfigError, match=r"unknown config key 'schedule\.decay_epoch' \(did you mean 'schedule\.decay_epochs'\?\)"):
+    message = r"unknown config key 'schedule\.decay_epoch' \(did you mean 'schedule\.decay_epochs'\?\)"
+    with pytest.raises(ConfigError, match=message):
         load_config(str(path))
     path = write_recipe(tmp_path, lambda raw: raw.update(optimizer={}))
     with pytest.raises(ConfigError, match=r"unknown config key 'optimizer' \(did you mean 'optim'\?\)"):
@@ -221,5 +222,6 @@ def test_resolve_precision() -> None:
 
 def test_check_model_name_suggests_registered_models() -> None:
     check_model_name("resnet10t")
-    with pytest.raises(ConfigError, match=r"model\.name 'resnet10x' is not a registered timm model \(did you mean .*'resnet10t'"):
+    message = r"model\.name 'resnet10x' is not a registered timm model \(did you mean .*'resnet10t'"
+    with pytest.raises(ConfigError, match=message):
         check_model_name("resnet10x")

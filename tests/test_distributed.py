@@ -24,6 +24,7 @@ result = {
     "is_main": info.is_main, "device": str(info.device), "sum": t.item(),
     "any_one": d.any_rank(info.rank == 1), "any_none": d.any_rank(False),
     "gathered": d.all_gather_object({"r": info.rank}),
+    "broadcast": d.broadcast_object("from rank 0" if info.rank == 0 else None),
 }
 d.barrier()
 d.cleanup()
@@ -41,6 +42,7 @@ def test_single_process_without_torchrun(monkeypatch) -> None:
     assert distributed.all_reduce_sum(t).item() == 2.0
     assert distributed.any_rank(True) and not distributed.any_rank(False)
     assert distributed.all_gather_object("x") == ["x"]
+    assert distributed.broadcast_object("y") == "y"
     distributed.barrier()
     distributed.cleanup()
 
@@ -63,3 +65,4 @@ def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
         assert res["sum"] == 3.0  # 1 + 2
         assert res["any_one"] is True and res["any_none"] is False
         assert res["gathered"] == [{"r": 0}, {"r": 1}]
+        assert res["broadcast"] == "from rank 0"

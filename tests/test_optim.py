@@ -61,7 +61,8 @@ def test_exempt_groups_are_chosen_by_module_type() -> None:
 
 def test_exempt_parameters_really_get_no_decay() -> None:
     model = HRNetNamed()
-    opt = build_optimizer(model, OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.5, wd_on_norm_and_bias=False))
+    cfg = OptimConfig(lr=1.0, momentum=0.0, nesterov=False, weight_decay=0.5, wd_on_norm_and_bias=False)
+    opt = build_optimizer(model, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)  # only weight decay moves parameters

@@ -88,7 +88,8 @@ def test_offline_run_records_metrics_config_and_name(wandb_env: Path) -> None:
     steps = [h for h in run["history"] if "train/loss" in h]
     assert [(h["train/step"], h["train/loss"], h["train/lr"]) for h in steps] == [(10, 2.5, 0.1)]
     epochs = [h for h in run["history"] if "epoch/val_top1" in h]
-    assert [(h["epoch"], h["epoch/val_top1"], h["epoch/val_top5"]) for h in epochs] == [(0, 55.0, 90.0), (1, 66.5, 95.5)]
+    got = [(h["epoch"], h["epoch/val_top1"], h["epoch/val_top5"]) for h in epochs]
+    assert got == [(0, 55.0, 90.0), (1, 66.5, 95.5)]
 
 
 def test_summary_csv_rows(tmp_path, wandb_env) -> None:
