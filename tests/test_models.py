@@ -153,13 +153,18 @@ def test_grad_checkpointing_gives_identical_gradients_and_buffers():
         assert torch.equal(b, c), name  # BN running stats updated once, not twice
 
 
-def test_channels_last_matches_nchw():
-    model = calibrated(tiny())
+def test_internal_nhwc_layout_matches_nchw_and_any_input_layout():
+    torch.manual_seed(0)
+    nhwc = calibrated(tiny())
+    nchw = timm.create_model(TINY, num_classes=10, channels_last=False).eval()
+    nchw.load_state_dict(nhwc.state_dict())
+    assert nhwc.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64)
-    ref = model(x)
-    model = model.to(memory_format=torch.channels_last)
-    out = model(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    ref = nchw(x)
+    assert nchw.forward_features(x).is_contiguous()
+    assert nhwc.forward_features(x).is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(x), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(nhwc(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_torchscript_and_export_match_eager():
@@ -230,18 +235,27 @@ def timm_checkpoints(tmp_path_factory):
     return out
 
 
+def max_error(got: torch.Tensor, expected: torch.Tensor, layout_nchw: bool) -> float:
+    """NCHW: computed exactly as timm does, so absolute. Default NHWC: other conv kernels, so the
+    error is taken relative to the logit scale (random weights give logits in the hundreds)."""
+    err = (got - expected).abs().max().item()
+    return err if layout_nchw else err / expected.abs().max().item()
+
+
 @pytest.mark.parametrize('ours,theirs', [('hrnet_w18_c', 'hrnet_w18'), ('hrnet_w18_small_v2_c', 'hrnet_w18_small_v2')])
 @pytest.mark.parametrize('kind', ['plain', 'state_dict', 'model'])
-def test_timm_weights_load_with_identical_logits(timm_checkpoints, ours, theirs, kind):
+@pytest.mark.parametrize('nchw', [True, False], ids=['nchw', 'default_nhwc'])
+def test_timm_weights_load_with_identical_logits(timm_checkpoints, ours, theirs, kind, nchw):
     ref, paths = timm_checkpoints[theirs]
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    layout = dict(channels_last=False) if nchw else {}
     with torch.no_grad():
         expected = ref(x)
-        via_ckpt = timm.create_model(ours, checkpoint_path=str(paths[kind])).eval()
+        via_ckpt = timm.create_model(ours, checkpoint_path=str(paths[kind]), **layout).eval()
         via_pretrained = timm.create_model(
-            ours, pretrained=True, pretrained_cfg_overlay=dict(file=str(paths[kind]))).eval()
+            ours, pretrained=True, pretrained_cfg_overlay=dict(file=str(paths[kind])), **layout).eval()
         for model in (via_ckpt, via_pretrained):
-            assert (model(x) - expected).abs().max().item() < 1e-5
+            assert max_error(model(x), expected, nchw) < 1e-5
 
 
 def test_timm_weights_fine_tune_into_new_num_classes(timm_checkpoints):
@@ -257,7 +271,7 @@ def test_timm_weights_fine_tune_into_new_num_classes(timm_checkpoints):
             model.eval()
             assert model(x).shape == (1, 7)
             got = model.forward_head(model.forward_features(x), pre_logits=True)
-            assert (got - expected).abs().max().item() < 1e-5
+            assert max_error(got, expected, layout_nchw=False) < 1e-5
 
 
 def test_missing_weights_file_is_named(tmp_path):
