@@ -204,35 +204,29 @@ class HRModule(nn.Module):
         return self._fuse(y)
 
 
-class CheckpointSeq(nn.Sequential):
-    """Sequential whose children are recomputed in backward when grad_checkpointing is on."""
+class _Checkpointable(nn.Sequential):
+    """A Sequential whose children are recomputed in backward when grad_checkpointing is on.
+
+    Two subclasses only because TorchScript needs the forward's input type spelled out."""
 
     def __init__(self, *modules: nn.Module):
         super().__init__(*modules)
         self.grad_checkpointing = False
 
+
+class CheckpointSeq(_Checkpointable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for m in self:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_module(m, x)
-            else:
-                x = m(x)
+            x = checkpoint_module(m, x) if self.grad_checkpointing and not torch.jit.is_scripting() else m(x)
         return x
 
 
-class HRStage(nn.Sequential):
+class HRStage(_Checkpointable):
     """HR modules in sequence over the list of streams (B, C_i, H/2^i, W/2^i)."""
-
-    def __init__(self, *modules: nn.Module):
-        super().__init__(*modules)
-        self.grad_checkpointing = False
 
     def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
         for m in self:
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_module(m, x)
-            else:
-                x = m(x)
+            x = checkpoint_module(m, x) if self.grad_checkpointing and not torch.jit.is_scripting() else m(x)
         return x
 
 
@@ -361,7 +355,7 @@ class HighResolutionNetC(nn.Module):
         """Recompute each stage-1 unit, HR module and incre block in backward (exact, see recompute.py)."""
         self.grad_checkpointing = enable
         for m in self.modules():
-            if isinstance(m, (CheckpointSeq, HRStage)):
+            if isinstance(m, _Checkpointable):
                 m.grad_checkpointing = enable
 
     @torch.jit.ignore
