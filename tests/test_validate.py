@@ -1,0 +1,368 @@
+"""validate.py and hrnet_cls.validation on the bundled digits val shards, with real checkpoints.
+
+Exactness is checked against an independent loop (tarfile + PIL + torchvision, no
+hrnet_cls.data); distributed runs use 2 real gloo processes under torchrun.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+
+import hrnet_cls  # noqa: F401  (registers hrnet_tiny_c)
+from hrnet_cls.checkpoint import build_state, save_checkpoint
+from hrnet_cls.config import config_to_dict, load_config
+from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
+from hrnet_cls.distributed import DistInfo
+from hrnet_cls.validation import (
+    RESULT_COLUMNS,
+    SweepSettings,
+    build_rows,
+    checkpoint_specs,
+    describe_all,
+    expected_samples,
+    run_sweep,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "shards" / "digits"
+VAL = str(DIGITS / "val-{000000..000001}.tar")
+VAL_SAMPLES = 360  # _info.json, split "val"
+SIZES, CROPS = ["32", "64"], ["0.875", "1.0"]  # sweep axes; hrnet needs multiples of 32 px
+
+
+def _load_script():
+    """validate.py is a script at the repository root, not a module of the package."""
+    spec = importlib.util.spec_from_file_location("validate_script", REPO / "validate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+validate = _load_script()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads spin-wait on each other (5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | None = None,
+              name: str = "hrnet_tiny_c", num_classes: int = 10) -> Path:
+    """A training checkpoint as train.py writes it: the demo recipe's resolved config."""
+    config = config_to_dict(load_config("demo_digits.yaml"))
+    config["model"].update(name=name, num_classes=num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_checkpoint(path, build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0,
+                                      config=config, model_ema=model_ema))
+    return path
+
+
+def tiny(seed: int, num_classes: int = 10) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
+
+
+@pytest.fixture(scope="module")
+def random_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Two random-init checkpoints and the first one's weights as plain / wrapped state dicts."""
+    root = tmp_path_factory.mktemp("random")
+    a, b = tiny(1), tiny(2)
+    torch.save(a.state_dict(), root / "a_plain.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in a.state_dict().items()}}, root / "a_wrapped.pth")
+    return {"a": save_ckpt(root / "a.pth", a), "b": save_ckpt(root / "b.pth", b),
+            "a_plain": root / "a_plain.pth", "a_wrapped": root / "a_wrapped.pth"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """hrnet_tiny_c after 100 SGD steps on the digits train shards (~87% val top-1, ~6 s),
+    and a checkpoint holding it only as EMA weights next to a random-init model."""
+    root = tmp_path_factory.mktemp("trained")
+    model = tiny(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    steps = 0
+    for epoch in range(10):
+        for images, targets, _ in build_train_loader(str(DIGITS / "train-*.tar"), batch_size=64, img_size=32,
+                                                     seed=0, epoch=epoch, workers=0):
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if steps == 100:
+                model.eval()
+                return {"good": save_ckpt(root / "good.pth", model),
+                        "ema": save_ckpt(root / "ema.pth", tiny(3), model_ema=model)}
+    raise AssertionError("the digits train shards ran out before 100 steps")
+
+
+def run(argv: list[str], tmp_path: Path, name: str = "out.json") -> tuple[int, list[dict]]:
+    """validate.py in this process: (exit status, rows of its JSON results file)."""
+    out = tmp_path / name
+    code = validate.main([*argv, "--data", VAL, "--workers", "0", "--batch-size", "100", "--results-file", str(out)])
+    return code, json.loads(out.read_text()) if out.suffix == ".json" and out.exists() else []
+
+
+def counts(row: dict) -> tuple[int, int, int]:
+    """(top-1 correct, top-5 correct, samples) back from a row's percentages."""
+    n = row["samples"]
+    return round(row["top1"] * n / 100), round(row["top5"] * n / 100), n
+
+
+# ---------------------------------------------------------------- exactness
+
+
+def independent_counts(path: Path, img_size: int, crop_pct: float) -> tuple[int, int, int]:
+    """Top-1/top-5 correct and samples of a checkpoint, by a separate code path: tarfile,
+    PIL, torchvision resize (shorter side, antialiased bilinear) + centre crop, plain math."""
+    model = timm.create_model("hrnet_tiny_c", num_classes=10)
+    model.load_state_dict(torch.load(path, weights_only=True)["model"])
+    model.eval()
+    mean, std = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_DEFAULT_STD).view(3, 1, 1)
+    images, labels = [], []
+    for shard in sorted(DIGITS.glob("val-*.tar")):
+        with tarfile.open(shard) as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+        for name in sorted(n for n in files if n.endswith(".jpg")):
+            rgb = np.asarray(Image.open(io.BytesIO(files[name])).convert("RGB"))
+            pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+            pixels = TF.resize(pixels, [round(img_size / crop_pct)], InterpolationMode.BILINEAR, antialias=True)
+            pixels = TF.center_crop(pixels, [img_size, img_size])
+            images.append((pixels.float() / 255 - mean) / std)
+            labels.append(int(files[name[:-4] + ".cls"]))
+    with torch.no_grad():
+        logits = torch.cat([model(torch.stack(images[i:i + 64])) for i in range(0, len(images), 64)])
+    top5 = logits.topk(5, dim=1).indices
+    targets = torch.tensor(labels)
+    return int((top5[:, 0] == targets).sum()), int((top5 == targets[:, None]).any(1).sum()), len(labels)
+
+
+@pytest.mark.slow  # trains the fixture model (~6 s), then 4 reference passes
+def test_counts_equal_an_independent_tarfile_pil_torchvision_loop(trained, tmp_path) -> None:
+    code, rows = run(["--checkpoint", str(trained["good"]), "--img-size", *SIZES, "--crop-pct", *CROPS], tmp_path)
+    assert code == 0 and len(rows) == 4
+    for row in rows:
+        expected = independent_counts(trained["good"], row["img_size"], row["crop_pct"])
+        assert counts(row) == expected, row
+        assert row["top1"] == 100 * expected[0] / expected[2]
+        assert row["samples"] == VAL_SAMPLES and row["skipped"] == 0 and row["expected_samples"] == VAL_SAMPLES
+    assert max(row["top1"] for row in rows) > 70  # a trained model: the counts are not all chance
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def test_sweep_of_two_checkpoints_two_sizes_two_crops_writes_eight_rows(random_ckpts, tmp_path) -> None:
+    argv = ["--checkpoint", str(random_ckpts["a"]), str(random_ckpts["b"]), "--img-size", *SIZES, "--crop-pct", *CROPS]
+    code, rows = run(argv, tmp_path)
+    assert code == 0 and len(rows) == 8
+    assert {(r["checkpoint"], r["img_size"], r["crop_pct"]) for r in rows} == {
+        (str(random_ckpts[k]), int(s), float(c)) for k in "ab" for s in SIZES for c in CROPS}
+    for row in rows:
+        assert list(row) == list(RESULT_COLUMNS)
+        assert row["model"] == "hrnet_tiny_c" and row["error"] == ""
+        assert row["samples"] == row["expected_samples"] == VAL_SAMPLES and row["skipped"] == 0
+        assert row["params"] == 605_602 and row["images_per_s"] > 0
+        assert 0 <= row["top1"] <= row["top5"] <= 100
+        assert row["paper_top1"] is None and row["top1_minus_paper"] is None  # no paper number for tiny
+    gmacs = {r["img_size"]: r["gmacs"] for r in rows}
+    assert 3.9 < gmacs[64] / gmacs[32] <= 4.0  # convs scale with pixels, the classifier does not
+    # the same sweep as CSV parses to the same rows
+    code, _ = run(argv, tmp_path, "out.csv")
+    with open(tmp_path / "out.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert code == 0 and [list(r) for r in table] == [list(RESULT_COLUMNS)] * 8
+    assert [float(r["top1"]) for r in table] == [r["top1"] for r in rows]
+    assert {r["paper_top1"] for r in table} == {""}
+
+
+def test_default_preprocessing_comes_from_the_checkpoint_config(random_ckpts, tmp_path) -> None:
+    code, rows = run(["--checkpoint", str(random_ckpts["a"])], tmp_path)
+    demo = load_config("demo_digits.yaml").data
+    assert code == 0 and [(r["img_size"], r["crop_pct"]) for r in rows] == [(demo.img_size, demo.crop_pct)]
+
+
+def test_model_with_weights_file_plain_or_wrapped_matches_the_checkpoint(random_ckpts, tmp_path) -> None:
+    argv = ["--checkpoint", str(random_ckpts["a"]), "--model", "hrnet_tiny_c", "--img-size", "32", "--crop-pct", "1.0"]
+    results = {}
+    for kind in ("a_plain", "a_wrapped"):
+        code, rows = run([*argv, "--weights", str(random_ckpts[kind])], tmp_path, f"{kind}.json")
+        assert code == 0 and [r["checkpoint"] for r in rows] == [str(random_ckpts["a"]), str(random_ckpts[kind])]
+        assert rows[1]["model"] == "hrnet_tiny_c" and rows[1]["params"] == 605_602  # 10 classes, read from the file
+        results[kind] = rows
+    for rows in results.values():
+        assert counts(rows[0]) == counts(rows[1])
+
+
+@pytest.mark.slow  # uses the trained fixture
+def test_use_ema_validates_the_ema_weights(trained, tmp_path) -> None:
+    code, rows = run(["--checkpoint", str(trained["good"]), str(trained["ema"])], tmp_path)
+    assert code == 0
+    trained_counts, random_counts = counts(rows[0]), counts(rows[1])
+    assert trained_counts[0] > 2 * random_counts[0]  # the ema file's 'model' is an untrained net
+    code, rows = run(["--checkpoint", str(trained["ema"]), "--use-ema"], tmp_path, "ema.json")
+    assert code == 0 and counts(rows[0]) == trained_counts  # exactly the trained weights
+    code, rows = run(["--checkpoint", str(trained["good"]), "--use-ema"], tmp_path, "no_ema.json")
+    assert code == 1 and "no EMA weights" in rows[0]["error"]
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.fixture(scope="module")
+def bad_ckpts(random_ckpts, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad")
+    data = random_ckpts["a"].read_bytes()
+    (root / "truncated.pth").write_bytes(data[: len(data) // 2])
+    torch.manual_seed(0)
+    resnet = timm.create_model("resnet10t", num_classes=10)
+    return {
+        "missing": root / "missing.pth",
+        "truncated": root / "truncated.pth",
+        "resnet_named_hrnet": save_ckpt(root / "resnet.pth", resnet),  # config says hrnet_tiny_c
+        "seven_classes": save_ckpt(root / "seven.pth", tiny(4, num_classes=7)),  # config says 10 classes
+        "unknown_model": save_ckpt(root / "unknown.pth", tiny(5), name="hrnet_nosuch_c"),
+    }
+
+
+def test_bad_checkpoints_become_error_rows_and_the_sweep_goes_on(random_ckpts, bad_ckpts, tmp_path) -> None:
+    code, alone = run(["--checkpoint", str(random_ckpts["a"])], tmp_path, "alone.json")
+    assert code == 0
+    bad = list(bad_ckpts)
+    argv = ["--checkpoint", *[str(bad_ckpts[k]) for k in bad[:3]], str(random_ckpts["a"]),
+            *[str(bad_ckpts[k]) for k in bad[3:]], "--model", "no_such_model"]
+    code, rows = run(argv, tmp_path)
+    assert code == 1 and len(rows) == len(bad) + 2
+    good = rows[3]
+    assert good["error"] == "" and counts(good) == counts(alone[0])
+    errors = dict(zip(bad[:3] + bad[3:], [r["error"] for r in rows[:3] + rows[4:-1]]))
+    problems = {"missing": "no such file", "truncated": "central directory", "resnet_named_hrnet": "do not fit",
+                "seven_classes": "another shape", "unknown_model": "unknown timm model 'hrnet_nosuch_c'"}
+    for kind, error in errors.items():
+        assert error.startswith(f"{bad_ckpts[kind]}: ") and "\n" not in error, error
+        assert problems[kind] in error, error
+    assert "classifier.weight: file [7, 256], model [10, 256]" in errors["seven_classes"]
+    assert rows[-1]["model"] == "no_such_model" and "unknown timm model" in rows[-1]["error"]
+    assert all(r["top1"] is None for r in rows if r["error"])
+
+
+def test_missing_shards_are_a_one_line_usage_error_before_loading(random_ckpts, tmp_path, capsys, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    pattern = str(tmp_path / "nowhere" / "val-{000000..000003}.tar")
+    code = validate.main(["--checkpoint", str(random_ckpts["a"]), "--data", pattern])
+    err = capsys.readouterr()
+    assert code == 2 and err.out == ""
+    assert err.err.count("\n") == 1 and "nowhere/val-" in err.err and "no shard file matches" in err.err
+    assert not [r for r in caplog.records if r.name.startswith(("hrnet_cls", "validate"))]  # nothing ran
+    for argv in (["--data", VAL], ["--checkpoint", "x.pth", "--data", VAL, "--crop-pct", "1.5"],
+                 ["--checkpoint", "x.pth", "--data", VAL, "--results-file", "out.txt"]):
+        assert validate.main(argv) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- decode once
+
+
+def test_a_sweep_decodes_each_sample_once_per_preprocessing_group(random_ckpts, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    specs = describe_all(checkpoint_specs([str(random_ckpts["a"]), str(random_ckpts["b"])]))
+    shards = tuple(sorted(str(p) for p in DIGITS.glob("val-*.tar")))
+    assert expected_samples(shards) == (VAL_SAMPLES, "_info.json split 'val'")
+    assert expected_samples(shards[:1]) == (180, "_info.json split 'val', 1 of its 2 shards")
+    single = DistInfo(0, 0, 1, torch.device("cpu"), True)
+    results = {}
+    for per_pass in (0, 1):
+        rows = build_rows(specs, [32, 64], [0.875, 1.0])
+        settings = SweepSettings(shards, VAL_SAMPLES, batch_size=128, workers=0, max_models_per_pass=per_pass)
+        passes = run_sweep(rows, settings, single)
+        assert all(p.decoded == VAL_SAMPLES and p.skipped == 0 for p in passes)
+        results[per_pass] = ([p.models for p in passes], [(r.top1, r.top5, r.samples) for r in rows])
+    # 4 groups (size x crop), each one loader pass feeding both models; capped at 1: 8 passes
+    assert results[0][0] == [2, 2, 2, 2] and results[1][0] == [1] * 8
+    assert results[0][1] == results[1][1]  # sharing batches changes no number
+    counted = [r.getMessage() for r in caplog.records if "samples validated" in r.getMessage()]
+    assert len(counted) == 12 and all("360 samples validated + 0 bad = 360; 360 expected" in m for m in counted)
+
+
+def test_validation_benchmark_runs_and_reports_the_ratio(tmp_path) -> None:
+    from hrnet_cls.bench.val import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--data", VAL, "--img-size", "32", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["results"]["sweep"]["loader_passes"] == 1 and result["results"]["separate"]["loader_passes"] == 4
+    assert result["results"]["separate"]["samples_decoded"] == 4 * VAL_SAMPLES
+    assert result["separate_over_sweep"] > 0
+
+
+# ---------------------------------------------------------------- two processes
+
+WRAPPER = """
+import importlib.util, os, sys
+rank = os.environ["RANK"]
+os.chdir(os.path.join(sys.argv[1], "rank" + rank))  # node-local files: each rank has its own ckpt/
+spec = importlib.util.spec_from_file_location("validate_script", sys.argv[2])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+code = module.main(sys.argv[3:])
+open(os.path.join(sys.argv[1], "exit" + rank), "w").write(str(code))
+"""
+
+
+@pytest.mark.slow  # two interpreters under torchrun: ~15 s on 2 cores
+def test_two_processes_equal_one_and_agree_on_rows_that_fail_on_one_rank(trained, random_ckpts, tmp_path) -> None:
+    good = trained["good"].read_bytes()
+    for rank in (0, 1):
+        (tmp_path / f"rank{rank}" / "ckpt").mkdir(parents=True)
+        (tmp_path / f"rank{rank}" / "ckpt" / "good.pth").write_bytes(good)
+    # fine on rank 0; on rank 1 truncated (fails when described), or with 7 classes under
+    # a 10-class config (describes alike, fails when loaded)
+    (tmp_path / "rank0" / "ckpt" / "flaky_read.pth").write_bytes(good)
+    (tmp_path / "rank1" / "ckpt" / "flaky_read.pth").write_bytes(good[: len(good) // 3])
+    (tmp_path / "rank0" / "ckpt" / "flaky_load.pth").write_bytes(good)
+    save_ckpt(tmp_path / "rank1" / "ckpt" / "flaky_load.pth", tiny(4, num_classes=7))
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    out = tmp_path / "two.json"
+    argv = ["--checkpoint", "ckpt/flaky_read.pth", "ckpt/good.pth", "ckpt/flaky_load.pth", "--img-size", *SIZES,
+            "--data", VAL, "--workers", "2", "--batch-size", "50", "--results-file", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",  # gloo on CPU, one thread per process
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "wrapper.py"), str(tmp_path), str(REPO / "validate.py"), *argv],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(tmp_path / f"exit{r}").read_text() for r in (0, 1)] == ["1", "1"]
+    assert proc.stdout.count("img/s") == 1  # only rank 0 prints the table
+    rows = json.loads(out.read_text())
+    names = [f"ckpt/{name}.pth" for name in ("flaky_read", "good", "flaky_load") for _ in SIZES]
+    assert [r["checkpoint"] for r in rows] == names
+    for row in rows[:2]:
+        assert "central directory" in row["error"] and "(on rank 1 only)" in row["error"]
+    for row in rows[4:]:
+        assert "another shape" in row["error"] and "(on rank 1 only)" in row["error"]
+    code, single = run(["--checkpoint", str(trained["good"]), "--img-size", *SIZES], tmp_path, "single.json")
+    assert code == 0
+    for two, one in zip(rows[2:4], single):
+        assert two["error"] == "" and two["samples"] == VAL_SAMPLES
+        assert counts(two) == counts(one) and two["top1"] == one["top1"] and two["top5"] == one["top5"]

@@ -1,0 +1,160 @@
+"""Validate checkpoints and timm models on webdataset val shards; sweep sizes and crops.
+
+    python validate.py --checkpoint runs/demo_digits --data 'shards/digits/val-{000000..000001}.tar'
+    python validate.py --model 'hrnet_w18*_c' --data '/data/imagenet-wds/val-{000000..000063}.tar' \\
+        --img-size 224 256 --crop-pct 0.875 1.0 --results-file sweep.csv
+    python validate.py --model hrnet_w18_c --weights hrnetv2_w18_imagenet_pretrained.pth --data ...
+    torchrun --nproc_per_node=2 validate.py --checkpoint 'runs/w18/epoch_*.pth' --data ...
+
+One row per (model, checkpoint, img_size, crop_pct). Rows with the same preprocessing share
+one pass over the data: each batch is decoded once and run through every model of the pass
+(all of them resident in memory; --max-models-per-pass caps that). Counts are exact: every
+sample is validated once over all processes, and samples + bad samples must equal the count
+in _info.json. A checkpoint that cannot be validated becomes a row with its error.
+
+Exit status: 0 = every row validated, 1 = some rows failed (see their error), 2 = usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from hrnet_cls.config import ConfigError, resolve_precision
+from hrnet_cls.data import expand_urls
+from hrnet_cls.distributed import barrier, cleanup, init_distributed
+from hrnet_cls.validation import (
+    Row,
+    SweepError,
+    SweepSettings,
+    build_rows,
+    checkpoint_specs,
+    describe_all,
+    expected_samples,
+    format_table,
+    model_specs,
+    run_sweep,
+    write_results,
+)
+
+logger = logging.getLogger("validate")
+
+
+class UsageError(ValueError):
+    """A command-line mistake: reported in one line, exit status 2, before anything loads."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH",
+                   help="our training checkpoints: files, globs, or directories (every *.pth in them)")
+    p.add_argument("--model", nargs="+", default=[], metavar="NAME",
+                   help="timm model names or patterns (hrnet_w18*_c), with pretrained weights or --weights")
+    p.add_argument("--weights", default="", metavar="FILE",
+                   help="state dict for --model: plain (timm's, the authors') or under state_dict/model")
+    p.add_argument("--data", required=True, metavar="SHARDS", help="val shards, e.g. 'val-{000000..000063}.tar'")
+    p.add_argument("--img-size", nargs="+", type=int, default=[], metavar="PX",
+                   help="crop sides to sweep, pixels (default: the checkpoint's config / pretrained_cfg)")
+    p.add_argument("--crop-pct", nargs="+", type=float, default=[], metavar="F",
+                   help="centre-crop fractions to sweep, in (0, 1] (default: as --img-size)")
+    p.add_argument("--use-ema", action="store_true", help="validate the EMA weights")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                   help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--channels-last", action="store_true", help="NHWC activations (faster on tensor cores)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per process per forward")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes per rank")
+    p.add_argument("--num-classes", type=int, default=None, help="override the classifier size of every model")
+    p.add_argument("--device", default="", help="e.g. cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--max-models-per-pass", type=int, default=0, metavar="N",
+                   help="models resident at once per preprocessing group (0 = all of them)")
+    p.add_argument("--results-file", default="", metavar="OUT", help="write the rows to OUT.csv or OUT.json")
+    return p.parse_args(argv)
+
+
+def check_usage(args: argparse.Namespace) -> None:
+    """Reject impossible arguments with one line each (UsageError)."""
+    if not args.checkpoint and not args.model:
+        raise UsageError("nothing to validate: give --checkpoint PATH ... and/or --model NAME ...")
+    if args.weights and not args.model:
+        raise UsageError("--weights FILE needs --model NAME (the architecture it is for)")
+    if any(size < 1 for size in args.img_size):
+        raise UsageError(f"--img-size must be positive pixels, got {args.img_size}")
+    if any(not 0 < crop <= 1 for crop in args.crop_pct):
+        raise UsageError(f"--crop-pct values must lie in (0, 1], got {args.crop_pct}")
+    if args.batch_size < 1 or args.workers < 0 or args.max_models_per_pass < 0:
+        raise UsageError("--batch-size must be >= 1, --workers and --max-models-per-pass >= 0")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.results_file and not args.results_file.lower().endswith((".csv", ".json")):
+        raise UsageError(f"--results-file {args.results_file!r}: name a .csv or .json file")
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """--device, with a bare 'cuda' meaning this process's GPU under torchrun."""
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {requested}: CUDA is not available")
+    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
+
+
+def pick_precision(requested: str, device: torch.device) -> str:
+    """--precision resolved as in training: auto = bf16 on CUDA, fp32 elsewhere."""
+    try:
+        return resolve_precision(requested, device.type)
+    except ConfigError:
+        raise UsageError(f"--precision {requested} needs a CUDA device, running on {device.type}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env_rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if env_rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # 1. arguments and shards, checked on every rank before any process group or model exists
+    try:
+        check_usage(args)
+        shards = expand_urls(args.data)
+        device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        precision = pick_precision(args.precision, device)
+    except (UsageError, FileNotFoundError, RuntimeError) as exc:
+        if env_rank == 0:
+            print(f"validate.py: error: {exc}", file=sys.stderr)
+        return 2
+    expected, source = expected_samples(shards)
+    logger.info("%d shard(s) of %s: %d samples expected (%s)", len(shards), args.data, expected, source)
+    settings = SweepSettings(tuple(shards), expected, source, args.batch_size, args.workers, device, precision,
+                             args.channels_last, args.use_ema, args.max_models_per_pass)
+    dist_info = init_distributed()
+    try:
+        # 2. rows: every (weights, img_size, crop_pct); unreadable inputs become failed rows
+        specs = checkpoint_specs(args.checkpoint) + model_specs(args.model, args.weights)
+        specs = describe_all(specs, use_ema=args.use_ema, num_classes=args.num_classes)
+        rows = build_rows(specs, args.img_size, args.crop_pct)
+        # 3. one pass over the data per preprocessing group, every model of the group fed each batch
+        run_sweep(rows, settings, dist_info)
+        # 4. results, from rank 0 only; the other ranks wait for it: torchrun stops every
+        # process as soon as one exits non-zero (here: 1 when some rows failed)
+        if dist_info.is_main:
+            report(rows, args.results_file)
+        barrier()
+    except SweepError as exc:
+        if dist_info.is_main:
+            print(f"validate.py: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup()
+    return 1 if any(row.error for row in rows) else 0
+
+
+def report(rows: list[Row], results_file: str) -> None:
+    print(format_table(rows), flush=True)
+    if results_file:
+        write_results(rows, results_file)
+        logger.info("wrote %d row(s) to %s", len(rows), results_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
