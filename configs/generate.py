@@ -42,6 +42,7 @@ def paper_recipe(name: str) -> Config:
     cfg = Config()
     cfg.model.name = name
     cfg.checkpoint.output_dir = f"runs/{name}"
+    cfg.checkpoint.save_interval = 1000  # steps: ~1/5 of an ImageNet epoch at 8 x 32 images
     cfg.wandb.mode = "online"  # degrades to no W&B with one warning when offline or keyless
     cfg.wandb.tags = ["paper-recipe"]
     return cfg
@@ -76,8 +77,8 @@ def demo_recipe() -> Config:
         batch_size=64, val_batch_size=256, workers=2, img_size=32, crop_pct=1.0,
     )
     cfg.optim.lr = 0.1
-    cfg.schedule = dataclasses.replace(cfg.schedule, epochs=20, decay_epochs=[14, 18], warmup_epochs=0)
-    cfg.train = dataclasses.replace(cfg.train, channels_last=False, log_interval=10)
+    cfg.schedule = dataclasses.replace(cfg.schedule, epochs=30, decay_epochs=[20, 26], warmup_epochs=0)
+    cfg.train = dataclasses.replace(cfg.train, channels_last=True, log_interval=10)
     cfg.checkpoint = dataclasses.replace(cfg.checkpoint, output_dir="runs/demo_digits", keep=1, resume="")
     cfg.wandb = dataclasses.replace(cfg.wandb, mode="offline", tags=["demo"])
     return cfg
@@ -90,10 +91,15 @@ DEMO_HEADER = """\
 #   python train.py --config demo_digits.yaml
 #   torchrun --nproc_per_node=2 train.py --config demo_digits.yaml
 #
-# Tuning target: >= 90% val top-1 in < 3 minutes on 2 CPU cores. precision auto = fp32 on CPU.
-# Shard paths are relative to the repository root. LR scaling rule as in the paper
-# recipes: lr = 0.1 x global_batch / 256 is the ImageNet starting point; this tiny
-# problem tolerates a larger lr.
+# Target: >= 90% val top-1 in < 3 minutes on 2 CPU cores. Measured 2026-11-20, 2 cores of
+# an AMD EPYC VM, torch 2.15 CPU, the command above (W&B offline): val top-1 95.00%,
+# top-5 100.00% on the 360 val images after 30 epochs, 45-50 s wall including start-up
+# (n=2 runs; a fixed seed gives bit-identical results on one machine). train.seed=1 / 2:
+# 95.83% / 94.44%. 20 epochs (lr /10 at 14, 18) gave 92.2-94.4% over 4 seeds, hence 30.
+# precision auto = fp32 on CPU; channels_last: HRNet-C's NHWC convolutions are faster on
+# CPU too (1.24 vs 1.52 s per epoch here). Shard paths are relative to the repository
+# root. LR scaling rule as in the paper recipes: lr = 0.1 x global_batch / 256 is the
+# ImageNet starting point; this tiny problem tolerates a larger lr.
 # Written by configs/generate.py; this file is the source of truth, edit it directly.
 """
 

@@ -128,6 +128,9 @@ class CheckpointConfig:
     """Directory for checkpoints, config.yaml and summary.csv (created if missing)."""
     keep: int = 3
     """Number of most recent epoch_XXXX.pth files kept besides last.pth and best.pth."""
+    save_interval: int = 0
+    """Also overwrite last.pth every this many optimizer steps inside an epoch, so a killed
+    job resumes at the next batch (0 = save at epoch ends only)."""
     resume: str = "auto"
     """"" = start fresh; "auto" = newest valid checkpoint in output_dir if any;
     otherwise a checkpoint path. Resuming takes precedence over model.init_from."""
@@ -446,6 +449,7 @@ def validate(cfg: Config) -> None:
     _validate_train(t)
     _require(c.output_dir != "", "checkpoint.output_dir must not be empty")
     _require(c.keep >= 0, f"checkpoint.keep must be >= 0, got {c.keep}")
+    _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0 steps, got {c.save_interval}")
     _require(w.mode in WANDB_MODES, f"wandb.mode must be one of {WANDB_MODES}, got {w.mode!r}")
     _require(w.mode == "disabled" or w.project != "", "wandb.project must not be empty unless wandb.mode is disabled")
 

@@ -1,0 +1,245 @@
+"""train.py end to end: real subprocesses on the bundled digits shards, real torchrun with
+2 gloo processes, real W&B offline files, real SIGKILL. CPU only."""
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hrnet_cls.config import load_config
+from test_tracking import read_offline_run
+
+REPO = Path(__file__).resolve().parent.parent
+VAL_SIZE = 360  # samples in shards/digits/val-{000000..000001}.tar
+# A small, fast recipe: 2 training shards (360 images) = 11 steps of 32 per epoch.
+TINY = [
+    "data.train_shards=shards/digits/train-{000000..000001}.tar", "data.batch_size=32", "data.workers=1",
+    "data.val_batch_size=128", "train.log_interval=1", "optim.lr=0.05",
+]
+STEPS_PER_EPOCH = 11
+
+
+def env_for(tmp_path: Path, wandb: str = "disabled") -> dict[str, str]:
+    """A clean environment: CPU only, no torchrun variables, W&B isolated in tmp_path."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "WANDB_API_KEY", "WANDB_BASE_URL")}
+    env.update(CUDA_VISIBLE_DEVICES="", WANDB_MODE=wandb, WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), HOME=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return env
+
+
+def train(tmp_path: Path, *overrides: str, wandb: str = "disabled", timeout: float = 900,
+          **env: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=env_for(tmp_path, wandb) | env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def summary(out: Path) -> list[dict[str, str]]:
+    with open(out / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------- the demo
+
+
+@pytest.mark.slow  # the full demo recipe: ~40 s on 2 idle cores
+def test_demo_reaches_90_percent_top1(tmp_path) -> None:
+    out = tmp_path / "demo"
+    proc = train(tmp_path, f"checkpoint.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, epochs = summary(out), load_config("demo_digits.yaml").schedule.epochs
+    assert len(rows) == epochs and float(rows[-1]["val_top1"]) >= 90.0, rows[-1]
+    for name in ("last.pth", "best.pth", "config.yaml", "summary.csv"):
+        assert (out / name).is_file(), name
+    # the only print is the final result line, and it agrees with summary.csv
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("final val top-1"), proc.stdout
+    assert f"{float(rows[-1]['val_top1']):.2f}%" in lines[0] and f"({VAL_SIZE} images" in lines[0]
+    assert load(out / "last.pth")["epoch"] == epochs
+
+
+# ---------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
+    ("optim.lr=fast", "config key 'optim.lr' expects float"),
+    ("data.train_shards=/nonexistent/train-{000000..000003}.tar", "data.train_shards: no shard file matches"),
+    ("model.name=hrnet_w18_cc", "model.name 'hrnet_w18_cc' is not a registered timm model (did you mean"),
+    ("model.init_from=/nonexistent/w18.pth", "model.init_from: no checkpoint file '/nonexistent/w18.pth'"),
+    ("train.sync_bn=true", "train.sync_bn=true needs CUDA"),  # as rank 0 of 2, before joining the group
+    ("checkpoint.save_interval=-1", "checkpoint.save_interval must be >= 0 steps"),
+], ids=["unknown-key", "wrong-type", "missing-shards", "unknown-model", "missing-init", "sync-bn-on-cpu",
+        "bad-value"])
+def test_config_errors_exit_fast_with_one_line_and_no_output(tmp_path, override, expected) -> None:
+    out = tmp_path / "never"
+    start = time.monotonic()
+    proc = train(tmp_path, f"checkpoint.output_dir={out}", override, timeout=60, WORLD_SIZE="2", RANK="0")
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert elapsed < 20, f"took {elapsed:.1f} s"  # importing torch + timm is most of it
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- one short run, looked at several ways
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> Path:
+    """3 epochs with lr x0.1 at epochs 1 and 2, logging every step, W&B offline."""
+    tmp = tmp_path_factory.mktemp("short")
+    out = tmp / "run"
+    proc = train(tmp, *TINY, f"checkpoint.output_dir={out}", "schedule.epochs=3", "schedule.decay_epochs=[1,2]",
+                 "wandb.name=short-run", "checkpoint.keep=3", wandb="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
+
+
+@pytest.mark.slow
+def test_step_schedule_changes_lr_exactly_at_the_decay_epochs(short_run) -> None:
+    rows = summary(short_run / "run")
+    assert [(r["epoch"], float(r["lr"]), int(r["step"])) for r in rows] == [
+        ("0", 0.05, 11), ("1", 0.005, 22), ("2", 0.0005, 33)]
+    # per step, through the real loop: the step logged as s ran optimizer step s - 1
+    history = read_offline_run(short_run)["history"]
+    lrs = {h["train/step"]: h["train/lr"] for h in history if "train/lr" in h}
+    assert sorted(lrs) == list(range(1, 34))
+    for s, lr in lrs.items():
+        assert lr == pytest.approx(0.05 * 0.1 ** ((s - 1) // STEPS_PER_EPOCH), rel=1e-12), s
+    assert lrs[11] == 0.05 and lrs[12] == pytest.approx(0.005)  # the last step of epoch 0, the first of 1
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_metrics_config_and_name(short_run) -> None:
+    run = read_offline_run(short_run)
+    assert run["name"] == "short-run" and run["tags"] == ["demo"]
+    assert run["config"]["schedule"]["decay_epochs"] == [1, 2] and run["config"]["model"]["name"] == "hrnet_tiny_c"
+    epochs = [h for h in run["history"] if "epoch/val_top1" in h]
+    assert [h["epoch"] for h in epochs] == [0, 1, 2]
+    rows = summary(short_run / "run")
+    for h, row in zip(epochs, rows):
+        assert h["epoch/val_top1"] == pytest.approx(float(row["val_top1"]), rel=1e-5)
+        assert 0 <= h["epoch/val_top5"] <= 100 and h["epoch/val_top5"] >= h["epoch/val_top1"]
+        assert h["epoch/train_loss"] > 0 and h["epoch/val_loss"] > 0 and h["epoch/images_per_s"] > 0
+        assert h["epoch/val_samples"] == VAL_SIZE
+    steps = [h for h in run["history"] if "train/loss" in h]
+    assert len(steps) == 3 * STEPS_PER_EPOCH
+    assert all(h["train/loss"] > 0 and h["train/images_per_s"] > 0 for h in steps)
+
+
+@pytest.mark.slow
+def test_fine_tune_into_new_num_classes(short_run, tmp_path) -> None:
+    source = load(short_run / "run" / "best.pth")["model"]
+    out = tmp_path / "ft"
+    # lr 1e-12 and no decay: one epoch moves no weight by more than ~1e-10
+    proc = train(tmp_path, *TINY, f"checkpoint.output_dir={out}", f"model.init_from={short_run / 'run' / 'best.pth'}",
+                 "model.num_classes=5", "schedule.epochs=1", "optim.lr=1e-12", "optim.weight_decay=0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "classifier re-initialised" in proc.stderr
+    tuned = load(out / "last.pth")
+    assert tuned["model"]["classifier.weight"].shape == (5, source["classifier.weight"].shape[1])
+    assert not torch.allclose(tuned["model"]["classifier.weight"], source["classifier.weight"][:5], atol=1e-3)
+    trunk = [k for k, v in source.items() if not k.startswith("classifier.") and v.is_floating_point()
+             and "running_" not in k]  # BN running statistics move with every forward pass
+    assert len(trunk) > 100
+    for k in trunk:
+        torch.testing.assert_close(tuned["model"][k], source[k], rtol=0, atol=1e-9, msg=k)
+    assert int(summary(out)[0]["skipped"]) > 0  # digits 5-9 are out of range for 5 classes: skipped
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(short_run, tmp_path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(short_run / "run", out)
+    before = (out / "last.pth").read_bytes()
+    # resumes at epoch 3 (step 33); a mid-epoch save is due at step 36, the first check point
+    proc = train(tmp_path, *TINY, f"checkpoint.output_dir={out}", "checkpoint.resume=auto", "schedule.epochs=5",
+                 "schedule.decay_epochs=[]", "optim.lr=1e30", "checkpoint.save_interval=4", "train.log_interval=10")
+    assert proc.returncode != 0
+    (line,) = [line for line in proc.stderr.splitlines() if "non-finite" in line]
+    assert "in epoch 3" in line and "stopping without saving" in line, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+    assert (out / "last.pth").read_bytes() == before
+    assert not list(out.glob("epoch_0003.pth")) and "final" not in proc.stdout
+
+
+# ---------------------------------------------------------------- resume after SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path) -> None:
+    common = [*TINY, "schedule.epochs=2", "schedule.decay_epochs=[1]", "model.drop_path_rate=0.1",
+              "train.ema=true", "train.ema_decay=0.9", "checkpoint.save_interval=3", "train.log_interval=5"]
+    whole = tmp_path / "whole"
+    proc = train(tmp_path, *common, f"checkpoint.output_dir={whole}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its DataLoader worker
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    state = load(killed / "last.pth")
+    assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < STEPS_PER_EPOCH  # killed mid-epoch
+
+    proc = train(tmp_path, *common, f"checkpoint.output_dir={killed}", "checkpoint.resume=auto")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"batch {state['batch_in_epoch']}, step {state['step']}" in proc.stderr
+
+    a, b = load(whole / "last.pth"), load(killed / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 2 * STEPS_PER_EPOCH)
+    for part in ("model", "model_ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    momentum = [(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+                for i, s in a["optimizer"]["state"].items()]
+    assert momentum and all(torch.equal(x, y) for x, y in momentum)
+    assert [r["val_top1"] for r in summary(whole)] == [r["val_top1"] for r in summary(killed)]
+
+
+# ---------------------------------------------------------------- torchrun
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+           "--config", "demo_digits.yaml", *TINY, "data.batch_size=16", "schedule.epochs=1",
+           "train.ema=true", f"checkpoint.output_dir={out}", "wandb.name=ddp"]
+    env = env_for(tmp_path, wandb="offline")
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 alone prints, saves and tracks
+    finals = [line for line in proc.stdout.splitlines() if line.startswith("final val top-1")]
+    assert len(finals) == 1 and f"({VAL_SIZE} images" in finals[0], proc.stdout
+    assert len(list(tmp_path.glob("wandb/offline-run-*"))) == 1
+    assert sorted(p.name for p in out.glob("*.pth")) == ["best.pth", "epoch_0000.pth", "last.pth"]
+    state = load(out / "last.pth")
+    assert len(state["rng"]) == 2 and state["step"] == STEPS_PER_EPOCH  # 360 images / (16 x 2 processes)
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # drop-path RNG per rank
+    history = read_offline_run(tmp_path)["history"]
+    (epoch,) = [h for h in history if "epoch/val_samples" in h]
+    assert epoch["epoch/val_samples"] == VAL_SIZE and epoch["epoch/ema_samples"] == VAL_SIZE  # each once
