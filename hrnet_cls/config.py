@@ -102,7 +102,8 @@ class TrainConfig:
     """Autocast dtype: "bf16" | "fp16" (with loss scaling) | "fp32" |
     "auto" = bf16 on CUDA, fp32 on CPU."""
     channels_last: bool = True
-    """Store activations NHWC: faster convolutions on tensor-core GPUs."""
+    """Store activations NHWC (HRNet-C models are built with channels_last=this): faster
+    convolutions with oneDNN on CPU and with cuDNN under autocast."""
     compile: bool = False
     """Wrap the model in torch.compile (slow first steps, faster after)."""
     sync_bn: bool = False

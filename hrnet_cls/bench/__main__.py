@@ -1,10 +1,11 @@
-"""Benchmarks: ``python -m hrnet_cls.bench {models,data,val} [options]`` (``--help`` on each)."""
+"""Benchmarks: ``python -m hrnet_cls.bench {models,data,train,val} [options]`` (``--help`` on each)."""
 import importlib
 import sys
 
 BENCHMARKS = {
     'models': 'hrnet_cls.bench.models',  # train step speed / memory against timm's implementation
     'data': 'hrnet_cls.bench.data',  # train input pipeline from shards against timm's wds reader
+    'train': 'hrnet_cls.bench.train',  # train-loop overhead against a bare loop, end-to-end images/s
     'val': 'hrnet_cls.bench.val',  # a 4-checkpoint validation sweep against 4 separate runs
 }
 
