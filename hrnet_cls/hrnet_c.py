@@ -100,7 +100,8 @@ class BasicBlock(nn.Module):
         shortcut = self.downsample(x)
         x = F.relu_(self.bn1(self.conv1(x)))
         x = self.drop_path(self.bn2(self.conv2(x)))
-        return F.relu_(x + shortcut)
+        x += shortcut  # in place: BN's backward does not need its output; saves an allocation
+        return F.relu_(x)
 
 
 class Bottleneck(nn.Module):
@@ -124,7 +125,8 @@ class Bottleneck(nn.Module):
         x = F.relu_(self.bn1(self.conv1(x)))
         x = F.relu_(self.bn2(self.conv2(x)))
         x = self.drop_path(self.bn3(self.conv3(x)))
-        return F.relu_(x + shortcut)
+        x += shortcut
+        return F.relu_(x)
 
 
 def _projection(in_chs: int, out_chs: int) -> nn.Module:
@@ -191,6 +193,8 @@ class HRModule(nn.Module):
                     y = t
                 elif j > i:
                     y = _upsample_add(y, t, 1 << (j - i))
+                elif i > 0:  # y started as a fresh BN output of a downsampling path: add in place
+                    y += t
                 else:
                     y = y + t
             assert y is not None
