@@ -9,7 +9,6 @@ gradients *and* buffers identical to the unchecked one.
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, List
 
-import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
