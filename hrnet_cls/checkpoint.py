@@ -36,37 +36,17 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from timm.models import clean_state_dict  # strips DDP 'module.' / torch.compile '_orig_mod.'
+from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile and EMA wrappers
 from torch import nn
 
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "batch_in_epoch")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 # ---------------------------------------------------------------- small helpers
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip DDP / torch.compile prefixes, in any order and repetition."""
-    out = {}
-    for key, value in state_dict.items():
-        while key.startswith(_WRAPPER_PREFIXES):
-            key = key.split(".", 1)[1]
-        out[key] = value
-    return out
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:

@@ -56,9 +56,9 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _collective_device() -> torch.device:
-    """NCCL only reduces CUDA tensors; gloo only CPU ones."""
-    if dist.get_backend() == "nccl":
+def collective_device() -> torch.device:
+    """Where collective tensors must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -75,7 +75,7 @@ def any_rank(flag: bool) -> bool:
     non-finite loss, so none is left waiting in the next collective."""
     if not is_distributed():
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 

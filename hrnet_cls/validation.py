@@ -47,7 +47,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
@@ -61,7 +60,7 @@ from hrnet_cls.data import (
     read_info,
     shard_lengths,
 )
-from hrnet_cls.distributed import DistInfo, all_gather_object
+from hrnet_cls.distributed import DistInfo, all_gather_object, collective_device
 from hrnet_cls.flops import count_macs
 from hrnet_cls.hrnet_c import PAPER_TOP1
 
@@ -523,17 +522,10 @@ def _feed(models: Sequence[nn.Module], batches: Iterable, settings: SweepSetting
     return fed
 
 
-def _reduce_device() -> torch.device:
-    """NCCL reduces CUDA tensors only, gloo CPU ones."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _finish(rows: Sequence[Row], fed: _Fed, settings: SweepSettings) -> tuple[int, int]:
     """Sum the tallies over ranks, agree on failures, fill the rows; (decoded, skipped) of all ranks."""
     local = torch.cat([fed.counts.flatten().cpu(), torch.tensor([fed.decoded, fed.skipped])])
-    total = all_reduce_counts(local.to(_reduce_device())).cpu().tolist()
+    total = all_reduce_counts(local.to(collective_device())).cpu().tolist()
     counts, (decoded, skipped) = [total[3 * i:3 * i + 3] for i in range(len(rows))], total[-2:]
     views = all_gather_object((fed.errors, fed.seconds))
     errors = _merge_errors([v[0] for v in views])

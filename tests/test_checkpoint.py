@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+import hrnet_cls  # noqa: F401  (registers hrnet_tiny_c)
 from hrnet_cls.checkpoint import (
     CheckpointManager,
     build_state,
@@ -36,13 +37,7 @@ CONFIG = config_to_dict(Config())
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
-    """hrnet_tiny_c once hrnet_cls registers it, else a small timm ResNet."""
-    try:
-        import hrnet_cls  # noqa: F401
-
-        return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
-    except (ImportError, RuntimeError):
-        return timm.create_model("resnet10t", num_classes=num_classes)
+    return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
 
 
 def make_state(model: nn.Module, epoch: int, step: int, **extra) -> dict:

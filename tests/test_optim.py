@@ -6,18 +6,13 @@ import timm
 import torch
 from torch import nn
 
+import hrnet_cls  # noqa: F401  (registers hrnet_tiny_c)
 from hrnet_cls.config import OptimConfig, ScheduleConfig
 from hrnet_cls.optim import build_optimizer, build_scheduler, linear_scaled_lr, split_decay_groups
 
 
 def tiny_model(num_classes: int = 10) -> nn.Module:
-    """hrnet_tiny_c once hrnet_cls registers it, else a small timm ResNet."""
-    try:
-        import hrnet_cls  # noqa: F401
-
-        return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
-    except (ImportError, RuntimeError):
-        return timm.create_model("resnet10t", num_classes=num_classes)
+    return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
 
 
 class HRNetNamed(nn.Module):

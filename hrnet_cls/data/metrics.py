@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.distributed as dist
+
+from hrnet_cls.distributed import all_reduce_sum
 
 
 def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
@@ -22,7 +23,4 @@ def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[
 
 def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
     """Sum of ``counts`` over all processes when torch.distributed is initialised (a copy)."""
-    total = counts.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return all_reduce_sum(counts.clone())
