@@ -1,28 +1,21 @@
 """Metrics sink of the main rank: summary.csv in the output directory, and W&B.
 
-The W&B mode is decided before ``wandb.init`` is called (SPEC section 5: against an
-unreachable server init blocks for ~90 s and then raises, and switching to offline in the
-same process can hang). "online" without an API key, or with a server that does not
-answer an HTTP request within a few seconds, runs without W&B after one warning; the
-init timeout is bounded as well for servers that answer but then stall.
+The W&B mode is decided before ``wandb.init``: against an unreachable server ``wandb.init``
+blocks for its default 90 s init timeout and then raises, and falling back to offline in
+the same process can hang. So "online" is only tried when wandb finds an API key without
+prompting and the server verifies it within ``connect_timeout_s``; ``wandb.init`` itself
+runs under ``init_timeout_s`` for servers that answer but then stall. Any failure means
+training goes on without W&B after one warning.
 """
 from __future__ import annotations
 
-import configparser
 import csv
-import http.client
 import logging
-import netrc
 import os
-import ssl
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from hrnet_cls.config import Config, WandbConfig, config_to_dict
 
@@ -43,98 +36,60 @@ SUMMARY_COLUMNS = (
     "skipped",  # samples skipped by the data pipeline (unreadable images)
 )
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
-_DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 
 # ---------------------------------------------------------------- mode decision
 
 
-def _base_url() -> str:
-    """W&B server: WANDB_BASE_URL, else `wandb login --host`'s settings file, else wandb's default."""
-    if os.environ.get("WANDB_BASE_URL"):
-        return os.environ["WANDB_BASE_URL"]
-    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
-    parser = configparser.ConfigParser()
-    try:
-        parser.read(config_dir / "settings")
-        return parser.get("default", "base_url")
-    except (configparser.Error, OSError):
-        pass
-    try:
-        import wandb
+def _online_wandb() -> Any:
+    """wandb, set up for an online run whose every wait is bounded by our timeouts."""
+    import wandb
 
-        return wandb.Settings().base_url
-    except Exception:  # any wandb version quirk: fall back to the classic host
-        return _DEFAULT_BASE_URL
+    # mode: the decision is ours (cfg / WANDB_MODE), not a `wandb offline` settings file's.
+    # x_disable_viewer: unless silent, wandb.login and wandb.init ask the server for the
+    # account (for their "logged in as" line and the account's code-saving default) with a
+    # fixed 5 s timeout per try that no setting changes: 5 s in wandb.login, 10 s in
+    # wandb.init on top of init_timeout, against a silent server.
+    wandb.setup(wandb.Settings(mode="online", x_disable_viewer=True))
+    return wandb
 
 
-def _has_api_key(base_url: str) -> bool:
-    """An API key in the environment, an identity-token file, or a netrc entry for the host."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    try:  # wandb's own lookup also knows hosts that proxy to another (CoreWeave Forge)
-        from wandb.sdk.lib.wbauth import read_netrc_auth
+def _give_up(message: str, *args: Any) -> str:
+    """One warning line, then stop the W&B service this process started: W&B stays off."""
+    import wandb
 
-        return read_netrc_auth(host=base_url) is not None
-    except ImportError:
-        pass
-    except Exception:  # a malformed entry is as good as none
-        return False
-    path = os.environ.get("NETRC", str(Path.home() / ".netrc"))
-    try:
-        return netrc.netrc(path).authenticators(urlsplit(base_url).hostname or "") is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def _reachable(url: str, timeout_s: float) -> bool:
-    """Whether the server at url answers an HTTP request (any status) within timeout_s.
-
-    An HTTP answer rather than a TCP connect: a firewall or a hung server can accept
-    connections and never reply, which is what makes wandb.init block. Certificates are
-    not verified (only liveness is probed, nothing secret is sent); proxies from the
-    environment are used as wandb would. A daemon thread bounds a hanging DNS lookup too.
-    """
-    answered = threading.Event()
-
-    def probe() -> None:
-        request = urllib.request.Request(url, method="HEAD")
-        try:
-            urllib.request.urlopen(request, timeout=timeout_s, context=ssl._create_unverified_context()).close()
-            answered.set()
-        except urllib.error.HTTPError:  # 404, 401, ...: a server is there
-            answered.set()
-        except (OSError, ValueError, http.client.HTTPException):
-            pass
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    return answered.is_set()
+    logger.warning("W&B disabled: %s", " ".join((message % args).split()))  # wandb's errors span lines
+    wandb.teardown()
+    return "disabled"
 
 
 def resolve_wandb_mode(cfg: WandbConfig, connect_timeout_s: float = 3.0) -> str:
     """"online", "offline" or "disabled", decided without calling wandb.init.
 
     WANDB_MODE, when set, overrides cfg.mode. Online degrades to "disabled" with one
-    warning when no API key is configured or the server does not answer in time.
+    warning when wandb finds no API key (it is never prompted for) or the server does not
+    verify it within connect_timeout_s.
     """
     mode = os.environ.get("WANDB_MODE", "").strip().lower() or cfg.mode
     mode = _MODE_ALIASES.get(mode, mode)
     if mode not in ("online", "offline", "disabled"):
         logger.warning("WANDB_MODE=%r is not online/offline/disabled; using wandb.mode=%r", mode, cfg.mode)
-        mode = cfg.mode
+        mode = _MODE_ALIASES.get(cfg.mode, cfg.mode)
     if mode != "online":
         return mode
-    url = _base_url()
-    if not _has_api_key(url):
-        logger.warning("W&B disabled: wandb.mode is online but no API key is configured for %s "
-                       "(set WANDB_API_KEY or run `wandb login`; or use wandb.mode=offline)", url)
-        return "disabled"
-    if not _reachable(url, connect_timeout_s):
-        logger.warning("W&B disabled: %s does not answer within %.0f s (use wandb.mode=offline "
-                       "to keep a local run and `wandb sync` it later)", url, connect_timeout_s)
-        return "disabled"
+    wandb = _online_wandb()
+    hint = "use wandb.mode=offline to keep a local run and `wandb sync` it later"
+    try:  # WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, netrc or settings file; no network
+        has_key = wandb.login(prompt=False, verify=False)
+    except wandb.errors.Error as e:  # a malformed key, or both a key and a token file
+        return _give_up("%s (%s)", e, hint)
+    if not has_key:  # wandb.init would prompt on a terminal and raise without one
+        return _give_up("wandb.mode is online but no API key is configured (set WANDB_API_KEY "
+                        "or run `wandb login`; or %s)", hint)
+    try:  # verifies the API key with the server, within connect_timeout_s
+        wandb.Api(timeout=connect_timeout_s)
+    except Exception as e:  # unreachable, silent, not a W&B server, or the key is refused
+        return _give_up("the server did not verify the API key within %.0f s: %s (%s)", connect_timeout_s, e, hint)
     return "online"
 
 
@@ -161,6 +116,8 @@ class Tracker:
     start_epoch: the epoch a resumed run restarts at (checkpoint["epoch"]); rows of
     summary.csv from that epoch on are dropped, earlier ones kept. 0 starts a new file.
     A resumed run is a new W&B run with the same name.
+    Online, the server must verify the API key within connect_timeout_s and wandb.init
+    finish within init_timeout_s; otherwise training goes on without W&B.
     """
 
     def __init__(self, cfg: Config, output_dir: str | Path, is_main: bool, start_epoch: int = 0,
@@ -228,6 +185,8 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
     """wandb.init in an already-decided mode; on failure warn once and return None."""
     import wandb
 
+    if mode == "online":
+        _online_wandb()
     name = cfg.wandb.name or f"{cfg.model.name}-{output_dir.resolve().name}"
     started = time.monotonic()
     try:
@@ -238,8 +197,8 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
             dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
             settings=wandb.Settings(init_timeout=init_timeout_s),
         )
-    except Exception as e:  # never retry offline in-process: that can hang (SPEC section 5)
-        logger.warning("W&B disabled: wandb.init failed after %.0f s: %s", time.monotonic() - started, e)
+    except Exception as e:  # never retry offline in this process: that can hang
+        _give_up("wandb.init failed after %.0f s: %s", time.monotonic() - started, e)
         return None
     run.define_metric("train/step")
     run.define_metric("train/*", step_metric="train/step")

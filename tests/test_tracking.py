@@ -2,54 +2,25 @@
 from __future__ import annotations
 
 import csv
+import glob
+import http.server
 import json
 import logging
+import os
+import pty
+import select
 import socket
-import struct
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import read_offline_run
 from hrnet_cls.config import Config
 from hrnet_cls.tracking import SUMMARY_COLUMNS, Tracker, resolve_wandb_mode
-
-
-def read_wandb_records(path: Path) -> list:
-    """Records of an offline run's .wandb file: wandb's LevelDB-style log of protobufs
-    (a 7-byte file header, then 32 KiB blocks of chunks: crc32, length, type)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data, pos, pending, records = path.read_bytes(), 7, b"", []
-    assert data[:4] == b":W&B"
-    while pos + 7 <= len(data):
-        if 32768 - pos % 32768 < 7:  # block trailer too short for a header: padding
-            pos += 32768 - pos % 32768
-            continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if kind == 0:
-            break
-        pending += data[pos + 7:pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
-            record = pb.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-            pending = b""
-    return records
-
-
-def _items_to_dict(items) -> dict:
-    return {(item.key or ".".join(item.nested_key)): json.loads(item.value_json) for item in items}
-
-
-def read_offline_run(wandb_dir: Path) -> dict:
-    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
-    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    history = [_items_to_dict(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
-    return {"name": runs[0].display_name, "config": _items_to_dict(runs[0].config.update),
-            "tags": list(runs[0].tags), "history": history}
 
 
 def offline_config(tmp_path: Path) -> Config:
@@ -60,17 +31,49 @@ def offline_config(tmp_path: Path) -> Config:
     return cfg
 
 
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def wandb_services() -> list[str]:
+    """wandb-core service processes started by this process (from /proc; [] where there is none)."""
+    pids: list[str] = []
+    for path in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        with open(path) as f:
+            pids += f.read().split()
+    services = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("wandb-core"):
+                    services.append(pid)
+        except OSError:  # exited meanwhile
+            pass
+    return services
+
+
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch) -> Path:
-    """W&B isolated in tmp_path: no user settings, no netrc, no key."""
+    """W&B isolated in tmp_path: no user settings, no netrc, no key; torn down afterwards."""
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+    # wandb-core's crash reports and the SDK's usage telemetry off: tests talk to 127.0.0.1 only
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")  # tests set another loopback one
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_HTTP_TIMEOUT",
+                "http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    return tmp_path
+    yield tmp_path
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
+    assert wandb_services() == [], "a wandb-core service process outlived the test"
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("wandb", "Otel"))]
+    assert left == [], f"wandb threads outlived the test: {left}"
 
 
 def test_offline_run_records_metrics_config_and_name(wandb_env: Path) -> None:
@@ -138,54 +141,140 @@ def test_wandb_mode_env_overrides_config(monkeypatch, wandb_env) -> None:
     assert resolve_wandb_mode(cfg) == "offline"
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens once the socket is closed
+def online_config(tmp_path: Path) -> Config:
+    cfg = offline_config(tmp_path)
+    cfg.wandb.mode = "online"
+    return cfg
 
 
-@pytest.mark.parametrize("situation", ["no key", "refused", "silent"])
+def assert_trains_on_without_wandb(tracker: Tracker, tmp_path: Path) -> None:
+    assert tracker.run is None
+    tracker.log_step(1, {"loss": 1.0})
+    tracker.log_epoch(0, {"val_top1": 1.0})  # training goes on: the CSV still fills
+    tracker.finish()
+    assert (tmp_path / "run" / "summary.csv").read_text().count("\n") == 2
+    assert wandb_services() == []  # the Tracker stopped the service it had started
+
+
+@pytest.mark.parametrize("situation", ["no key", "malformed key", "refused", "silent", "silent, wandb verbose",
+                                       "not W&B"])
 def test_online_degrades_to_no_wandb_quickly(tmp_path, wandb_env, monkeypatch, caplog, situation) -> None:
+    """No key: wandb.login finds none (no prompt). Otherwise the key check with the server,
+    bounded by connect_timeout_s, fails: a closed port, a listener that accepts and never
+    replies, an HTTP server that is no W&B server. init_timeout_s is never waited for.
+    Verbose: wandb's "logged in as" account lookup (5 s against a silent server) is off."""
+    if situation.endswith("verbose"):
+        monkeypatch.delenv("WANDB_SILENT")
+        situation = "silent"
     silent = socket.socket()  # accepts connections (kernel backlog) and never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen()
+    not_wandb = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=not_wandb.serve_forever, daemon=True).start()  # 501 to everything
+    url = {"silent": f"http://127.0.0.1:{silent.getsockname()[1]}",
+           "not W&B": f"http://127.0.0.1:{not_wandb.server_address[1]}"}
+    if situation in url:  # else the fixture's closed port
+        monkeypatch.setenv("WANDB_BASE_URL", url[situation])
     if situation != "no key":
-        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    if situation == "refused":
-        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
-    if situation == "silent":
-        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{silent.getsockname()[1]}")
-    cfg = offline_config(tmp_path)
-    cfg.wandb.mode = "online"
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40 if situation != "malformed key" else "short")
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        tracker = Tracker(cfg, tmp_path / "run", is_main=True, connect_timeout_s=1.0)
+        tracker = Tracker(online_config(tmp_path), tmp_path / "run", is_main=True,
+                          connect_timeout_s=1.0, init_timeout_s=60.0)
+    elapsed = time.monotonic() - started
     silent.close()
-    assert time.monotonic() - started < 5.0
-    assert tracker.run is None
+    not_wandb.shutdown()
+    not_wandb.server_close()
+    assert elapsed < 5.0
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "W&B disabled" in warnings[0].getMessage()
-    tracker.log_epoch(0, {"val_top1": 1.0})  # training goes on: the CSV still fills
-    assert (tmp_path / "run" / "summary.csv").read_text().count("\n") == 2
+    assert_trains_on_without_wandb(tracker, tmp_path)
+
+
+class StallingWandbServer(http.server.ThreadingHTTPServer):
+    """Verifies any API key (answers wandb's Viewer query), then never answers the request
+    that creates the run (UpsertBucket) until released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if b"UpsertBucket" in body:
+                    outer.release.wait(30)
+                    return
+                data = {"viewer": {"id": "VXNlcjox", "entity": "me", "username": "me", "email": "",
+                                   "flags": "{}", "teams": {"edges": []}}}
+                reply = json.dumps({"data": data}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
 
 
 def test_init_failure_is_bounded_and_warned_once(tmp_path, wandb_env, monkeypatch, caplog) -> None:
-    """A server that answers HTTP but is no W&B server (a captive proxy, say): the probe
-    passes, wandb.init fails within init_timeout, training continues without W&B."""
-    import http.server
-    import threading
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()  # answers 501 to everything
+    """A server that verifies the key and then stalls creating the run: wandb.init fails
+    within init_timeout_s, training continues without W&B."""
+    server = StallingWandbServer()
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
-    cfg = offline_config(tmp_path)
-    cfg.wandb.mode = "online"
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="hrnet_cls.tracking"):
-        tracker = Tracker(cfg, tmp_path / "run", is_main=True, connect_timeout_s=1.0, init_timeout_s=3.0)
-    server.shutdown()
-    assert time.monotonic() - started < 15.0
+        tracker = Tracker(online_config(tmp_path), tmp_path / "run", is_main=True,
+                          connect_timeout_s=1.0, init_timeout_s=2.0)
+    elapsed = time.monotonic() - started
+    server.close()
+    assert 2.0 <= elapsed < 15.0
     assert tracker.run is None
     ours = [r for r in caplog.records if r.name == "hrnet_cls.tracking" and r.levelno >= logging.WARNING]
     assert len(ours) == 1 and "wandb.init failed" in ours[0].getMessage()
+    assert_trains_on_without_wandb(tracker, tmp_path)
+
+
+@pytest.mark.slow  # a child process that imports torch: ~5-8 s
+def test_online_without_key_never_prompts_on_a_terminal(tmp_path, wandb_env, monkeypatch) -> None:
+    """On a terminal wandb.init asks for an API key and waits for ever; the Tracker must
+    come up without W&B instead (a child process on a pseudo-terminal, wandb not silenced)."""
+    monkeypatch.delenv("WANDB_SILENT")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.tracking import Tracker\n"
+            "cfg = Config()\ncfg.wandb.mode = 'online'\n"
+            "print('run:', Tracker(cfg, 'out', is_main=True).run, flush=True)\n")
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=secondary, stdout=secondary, stderr=secondary,
+                            cwd=tmp_path)
+    os.close(secondary)
+    output, deadline = b"", time.monotonic() + 20
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([primary], [], [], left)[0]:
+                break  # silent until the deadline: waiting at a prompt
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # the child closed the terminal: it has exited
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    text = output.decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "run: None" in text and "W&B disabled" in text and "Enter your choice" not in text
