@@ -2,10 +2,13 @@
 
     python configs/generate.py          # write the recipes that do not exist yet
     python configs/generate.py --force  # overwrite all of them (loses hand edits)
+    python configs/generate.py --readme-table  # the README's model table
 
-The committed YAMLs are the source of truth and are edited by hand; this script only gave
-them identical comments, key order and paper hyper-parameters, so that two recipes diff to
-their real differences. Use it for a new variant or after adding a config field.
+Everything is derived from the schema (hrnet_cls/config.py) and the variant table
+(hrnet_cls/hrnet_c.py VARIANTS): identical comments, key order and paper hyper-parameters,
+so that two recipes diff to their real differences. tests/test_config.py checks that the
+committed YAMLs and the README's model table are what this script writes; after adding a
+variant or a config field, run it with --force.
 """
 from __future__ import annotations
 
@@ -17,28 +20,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hrnet_cls.config import Config, config_to_yaml  # noqa: E402
+from hrnet_cls.hrnet_c import VARIANTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
-# (timm name, top-1 error %, source of the number, params, GFLOPs) from SPEC section 2.
-VARIANTS = [
-    ("hrnet_w18_c", 23.1, "paper Table XV", 21_299_004, 3.99),
-    ("hrnet_w30_c", 21.9, "paper Table XV", 37_712_220, 7.55),
-    ("hrnet_w32_c", 21.5, "authors' repo", 41_232_680, 8.31),
-    ("hrnet_w40_c", 21.1, "paper Table XV", 57_557_160, 11.82),
-    ("hrnet_w48_c", 20.7, "authors' repo", 77_469_864, 16.09),
-    ("hrnet_w64_c", 20.5, "authors' repo", 128_059_944, 26.91),
-    ("hrnet_w44_c", 23.0, "paper Table XV", 21_931_192, 3.90),
-    ("hrnet_w76_c", 21.5, "paper Table XV", 40_783_032, 7.30),
-    ("hrnet_w96_c", 21.0, "paper Table XV", 57_481_512, 10.25),
-    ("hrnet_w44_c_basic", 21.1, "authors' repo", 67_064_984, 13.86),
-    ("hrnet_w18_small_c", 27.7, "authors' repo", 13_187_464, 1.49),
-    ("hrnet_w18_small_v2_c", 24.9, "authors' repo", 15_597_464, 2.42),
-]
+SOURCES = {"paper": "paper Table XV", "repo": "authors' repo"}
+PAPER_VARIANTS = [name for name, v in VARIANTS.items() if v.top1 is not None]  # the ImageNet recipes
 
 
 def paper_recipe(name: str) -> Config:
-    """SPEC section 4: 100 epochs, 8 x 32 = 256 images, lr 0.1, /10 at 30/60/90."""
+    """The paper's recipe (docs/design.md section 3): 100 epochs, 8 x 32 = 256 images, lr 0.1, /10 at 30/60/90."""
     cfg = Config()
     cfg.model.name = name
     cfg.checkpoint.output_dir = f"runs/{name}"
@@ -48,11 +39,12 @@ def paper_recipe(name: str) -> Config:
     return cfg
 
 
-def paper_header(name: str, err: float, source: str, params: int, gflops: float) -> str:
+def paper_header(name: str) -> str:
+    v = VARIANTS[name]
     return f"""\
-# {name}: HRNet-C paper recipe on ImageNet-1k (SPEC section 4).
-# Expected top-1: {100 - err:.1f}% (top-1 error {err}%, {source}); {params:,} params,
-# {gflops:.2f} GFLOPs at 224x224 (multiply-adds / 2^30).
+# {name}: HRNet-C paper recipe on ImageNet-1k (docs/design.md section 3).
+# Expected top-1: {v.top1:.1f}% (top-1 error {100 - v.top1:.1f}%, {SOURCES[v.source]}); {v.params:,} params,
+# {v.gflops:.2f} GFLOPs at 224x224 (multiply-adds / 2^30).
 #
 #   torchrun --nproc_per_node=8 train.py --config {name}.yaml
 #
@@ -106,16 +98,46 @@ DEMO_HEADER = """\
 
 def recipes() -> dict[str, str]:
     """File name -> full YAML text of every recipe this script owns."""
-    out = {f"{v[0]}.yaml": paper_header(*v) + "\n" + config_to_yaml(paper_recipe(v[0])) for v in VARIANTS}
+    out = {f"{name}.yaml": paper_header(name) + "\n" + config_to_yaml(paper_recipe(name)) for name in PAPER_VARIANTS}
     out["demo_digits.yaml"] = DEMO_HEADER + "\n" + config_to_yaml(demo_recipe())
     return out
+
+
+UNITS = {4: "", 2: ", small", 1: ", tiny"}  # residual units per stream per module -> family
+
+
+def _existing_weights(name: str) -> str:
+    """timm's published weights that load into name, from its pretrained_cfgs (hub ids)."""
+    import timm
+
+    hubs = [timm.models.get_pretrained_cfg(tagged).hf_hub_id for tagged in timm.list_pretrained(f"{name}.*")]
+    hubs = [h.removeprefix("timm/") for h in hubs if h]
+    if not hubs:
+        return "none published"
+    arch = hubs[0].split(".")[0]
+    return f"timm `{arch}` ({', '.join(f'`.{h.split(chr(46))[1]}`' for h in hubs)})"
+
+
+def readme_table() -> str:
+    """The README's model table, one row per VARIANTS entry."""
+    rows = ["| timm name | residual unit | params | GFLOPs | top-1 | existing weights that load |",
+            "|---|---|---|---|---|---|"]
+    for name, v in VARIANTS.items():
+        top1 = "—" if v.top1 is None else f"{v.top1:.1f}" + (" (repo)" if v.source == "repo" else "")
+        rows.append(f"| `{name}` | {v.cfg.block}{UNITS[v.cfg.num_units]} | {v.params:,} | {v.gflops:.2f} | {top1} | "
+                    f"{_existing_weights(name)} |")
+    return "\n".join(rows) + "\n"
 
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--force", action="store_true", help="overwrite existing recipes")
+    parser.add_argument("--readme-table", action="store_true", help="print the README's model table and exit")
     args = parser.parse_args()
+    if args.readme_table:
+        print(readme_table(), end="")
+        return 0
     for name, text in recipes().items():
         if (HERE / name).exists() and not args.force:
             continue

@@ -2,7 +2,9 @@
 
 Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition"
 (TPAMI 2020, arXiv 1908.07919), Appendix B. The architecture and the variant table are
-in SPEC.md sections 1-2. The state-dict layout equals the authors' classification code and
+described in docs/design.md sections 1-2; the blocks live in blocks.py. This file reads as
+timm's model files do: the variant table, one network class, a builder, the registered
+entry points. The state-dict layout equals the authors' classification code and
 timm's ``hrnet_wXX`` (``conv1, bn1, conv2, bn2, layer1, transition1..3, stage2..4,
 incre_modules, downsamp_modules, final_layer, classifier``), so their checkpoints load.
 
@@ -11,25 +13,22 @@ Compared with timm's ``hrnet.py`` this one adds stochastic depth, gradient check
 multiple of 32, and a cheaper fuse (nearest upsampling is folded into the sum instead of
 materialising the upsampled tensor).
 """
-import logging
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier
+from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._registry import _model_entrypoints
 
-from .recompute import checkpoint_module
+from .blocks import BLOCKS, BN_MOMENTUM, Bottleneck, Checkpointable, CheckpointSeq, HRModule, HRStage, Transition
+from .blocks import conv_bn, units
 
-__all__ = ['HighResolutionNetC', 'HRNetCfg', 'STEM_STRIDE']
+__all__ = ['HighResolutionNetC', 'HRNetCfg', 'Variant', 'VARIANTS', 'MODEL_CFGS', 'PAPER_TOP1', 'STEM_STRIDE']
 
-_BN_MOMENTUM = 0.1
-_logger = logging.getLogger(__name__)
 STEM_STRIDE = 4  # two stride-2 convs before the first stream
 
 
@@ -51,208 +50,38 @@ def _small(widths: Tuple[int, ...], stage1_width: int, stage1_units: int, num_mo
     return HRNetCfg('basic', widths, num_modules, 2, stage1_width=stage1_width, stage1_units=stage1_units)
 
 
-# The one table of variants (SPEC.md section 2). Frozen dataclasses: overrides copy, never mutate.
-MODEL_CFGS: Dict[str, HRNetCfg] = {
-    'hrnet_w18_c': HRNetCfg('basic', (18, 36, 72, 144)),
-    'hrnet_w30_c': HRNetCfg('basic', (30, 60, 120, 240)),
-    'hrnet_w32_c': HRNetCfg('basic', (32, 64, 128, 256)),
-    'hrnet_w40_c': HRNetCfg('basic', (40, 80, 160, 320)),
-    'hrnet_w48_c': HRNetCfg('basic', (48, 96, 192, 384)),
-    'hrnet_w64_c': HRNetCfg('basic', (64, 128, 256, 512)),
-    'hrnet_w44_c': HRNetCfg('bottleneck', (11, 22, 44, 88)),
-    'hrnet_w76_c': HRNetCfg('bottleneck', (19, 38, 76, 152)),
-    'hrnet_w96_c': HRNetCfg('bottleneck', (24, 48, 96, 192)),
-    'hrnet_w44_c_basic': HRNetCfg('basic', (44, 88, 176, 352)),
-    'hrnet_w18_small_c': _small((16, 32, 64, 128), 32, 1, (1, 1, 1)),
-    'hrnet_w18_small_v2_c': _small((18, 36, 72, 144), 64, 2, (1, 3, 2)),
+@dataclass(frozen=True)
+class Variant:
+    """One registered model: its architecture and the numbers it is checked against."""
+    cfg: HRNetCfg
+    params: int  # exact parameter count at 1000 classes
+    gflops: float  # conv + linear multiply-adds per 224x224 image / 2^30, as the paper reports "GFLOPs"
+    top1: Optional[float] = None  # ImageNet-1k val top-1 (%) published for it
+    source: str = ''  # where top1 comes from: 'paper' (Table XV) or 'repo' (the authors' repository)
+
+
+# The one table of variants (docs/design.md section 2): the configs' generator, the tests and
+# the README's model table are derived from it. Frozen: overrides copy, never mutate.
+VARIANTS: Dict[str, Variant] = {
+    'hrnet_w18_c': Variant(HRNetCfg('basic', (18, 36, 72, 144)), 21_299_004, 3.99, 76.9, 'paper'),
+    'hrnet_w30_c': Variant(HRNetCfg('basic', (30, 60, 120, 240)), 37_712_220, 7.55, 78.1, 'paper'),
+    'hrnet_w32_c': Variant(HRNetCfg('basic', (32, 64, 128, 256)), 41_232_680, 8.31, 78.5, 'repo'),
+    'hrnet_w40_c': Variant(HRNetCfg('basic', (40, 80, 160, 320)), 57_557_160, 11.82, 78.9, 'paper'),
+    'hrnet_w48_c': Variant(HRNetCfg('basic', (48, 96, 192, 384)), 77_469_864, 16.09, 79.3, 'repo'),
+    'hrnet_w64_c': Variant(HRNetCfg('basic', (64, 128, 256, 512)), 128_059_944, 26.91, 79.5, 'repo'),
+    'hrnet_w44_c': Variant(HRNetCfg('bottleneck', (11, 22, 44, 88)), 21_931_192, 3.90, 77.0, 'paper'),
+    'hrnet_w76_c': Variant(HRNetCfg('bottleneck', (19, 38, 76, 152)), 40_783_032, 7.30, 78.5, 'paper'),
+    'hrnet_w96_c': Variant(HRNetCfg('bottleneck', (24, 48, 96, 192)), 57_481_512, 10.25, 79.0, 'paper'),
+    'hrnet_w44_c_basic': Variant(HRNetCfg('basic', (44, 88, 176, 352)), 67_064_984, 13.86, 78.9, 'repo'),
+    'hrnet_w18_small_c': Variant(_small((16, 32, 64, 128), 32, 1, (1, 1, 1)), 13_187_464, 1.49, 72.3, 'repo'),
+    'hrnet_w18_small_v2_c': Variant(_small((18, 36, 72, 144), 64, 2, (1, 3, 2)), 15_597_464, 2.42, 75.1, 'repo'),
     # A small (0.6M parameters at 10 classes) member for fast CPU tests and the bundled demo.
-    'hrnet_tiny_c': HRNetCfg(
+    'hrnet_tiny_c': Variant(HRNetCfg(
         'basic', (4, 8, 16, 32), (1, 1, 1), 1, stem_width=16, stage1_width=8, stage1_units=1,
-        head_widths=(8, 16, 32, 64), num_features=256),
+        head_widths=(8, 16, 32, 64), num_features=256), 860_032, 0.0866),
 }
-
-
-def _conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False, act: bool = True) -> nn.Sequential:
-    layers: List[nn.Module] = [
-        nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, bias=bias),
-        nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM),
-    ]
-    if act:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-class BasicBlock(nn.Module):
-    """Two 3x3 convs; key names as timm's/the authors' BasicBlock."""
-    expansion = 1
-
-    def __init__(self, in_chs: int, width: int, drop_path: float = 0.0):
-        super().__init__()
-        out_chs = width * self.expansion
-        self.conv1 = nn.Conv2d(in_chs, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
-        self.conv2 = nn.Conv2d(width, out_chs, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM)
-        self.downsample = _projection(in_chs, out_chs)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x)
-        x = F.relu_(self.bn1(self.conv1(x)))
-        x = self.drop_path(self.bn2(self.conv2(x)))
-        x += shortcut  # in place: BN's backward does not need its output; saves an allocation
-        return F.relu_(x)
-
-
-class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3, 1x1 expand (x4); key names as timm's/the authors' Bottleneck."""
-    expansion = 4
-
-    def __init__(self, in_chs: int, width: int, drop_path: float = 0.0):
-        super().__init__()
-        out_chs = width * self.expansion
-        self.conv1 = nn.Conv2d(in_chs, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
-        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width, momentum=_BN_MOMENTUM)
-        self.conv3 = nn.Conv2d(width, out_chs, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_chs, momentum=_BN_MOMENTUM)
-        self.downsample = _projection(in_chs, out_chs)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = self.downsample(x)
-        x = F.relu_(self.bn1(self.conv1(x)))
-        x = F.relu_(self.bn2(self.conv2(x)))
-        x = self.drop_path(self.bn3(self.conv3(x)))
-        x += shortcut
-        return F.relu_(x)
-
-
-def _projection(in_chs: int, out_chs: int) -> nn.Module:
-    """1x1 conv + BN shortcut where the width changes, identity elsewhere."""
-    if in_chs == out_chs:
-        return nn.Identity()
-    return _conv_bn(in_chs, out_chs, 1, act=False)
-
-
-BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
-
-
-def _units(block: type, in_chs: int, width: int, n: int, drop_path: List[float]) -> nn.Sequential:
-    """n residual units; the first one projects in_chs to width * expansion."""
-    units = []
-    for i in range(n):
-        units.append(block(in_chs, width, drop_path[i]))
-        in_chs = width * block.expansion
-    return nn.Sequential(*units)
-
-
-def _upsample_add(y: torch.Tensor, low: torch.Tensor, scale: int) -> torch.Tensor:
-    """y + nearest_upsample(low, scale) without materialising the upsampled tensor."""
-    b, c, h, w = y.shape
-    lh, lw = low.shape[-2:]
-    if lh * scale != h or lw * scale != w:
-        # input side not a multiple of 32: nearest interpolation to y's exact size
-        return y + F.interpolate(low, size=(h, w), mode='nearest')
-    # (B, C, lh, s, lw, s) + (B, C, lh, 1, lw, 1) broadcast
-    y6 = y.reshape(b, c, lh, scale, lw, scale) + low.reshape(b, c, lh, 1, lw, 1)
-    return y6.reshape(b, c, h, w)
-
-
-class HRModule(nn.Module):
-    """Parallel residual streams, then the fuse: out_i = ReLU(sum_j a(x_j -> i))."""
-
-    def __init__(self, block: type, chs: List[int], widths: List[int], num_units: int, drop_path: List[float]):
-        super().__init__()
-        n = len(chs)
-        self.branches = nn.ModuleList(
-            [_units(block, chs[i], widths[i], num_units, drop_path) for i in range(n)])
-        out = [w * block.expansion for w in widths]
-        self.fuse_layers = nn.ModuleList([
-            nn.ModuleList([self._fuse_path(out, j, i) for j in range(n)]) for i in range(n)])
-
-    @staticmethod
-    def _fuse_path(chs: List[int], j: int, i: int) -> nn.Module:
-        if j == i:
-            return nn.Identity()
-        if j > i:  # lower resolution: 1x1 conv + BN here, upsampling happens in the sum
-            return _conv_bn(chs[j], chs[i], 1, act=False)
-        # higher resolution: (i - j) stride-2 3x3 convs, ReLU between them, not after the last
-        convs = [_conv_bn(chs[j], chs[j], 3, 2) for _ in range(i - j - 1)]
-        convs.append(_conv_bn(chs[j], chs[i], 3, 2, act=False))
-        return nn.Sequential(*convs)
-
-    def _fuse(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
-        out: List[torch.Tensor] = []
-        for i, row in enumerate(self.fuse_layers):
-            y: Optional[torch.Tensor] = None
-            for j, path in enumerate(row):  # summed in j order, as the reference implementations do
-                t = path(x[j])
-                if y is None:
-                    y = t
-                elif j > i:
-                    y = _upsample_add(y, t, 1 << (j - i))
-                elif i > 0:  # y started as a fresh BN output of a downsampling path: add in place
-                    y += t
-                else:
-                    y = y + t
-            assert y is not None
-            out.append(F.relu_(y))  # y is a fresh sum (>= 2 streams), never an input
-        return out
-
-    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
-        y: List[torch.Tensor] = []
-        for i, branch in enumerate(self.branches):
-            y.append(branch(x[i]))
-        return self._fuse(y)
-
-
-class _Checkpointable(nn.Sequential):
-    """A Sequential whose children are recomputed in backward when grad_checkpointing is on.
-
-    Two subclasses only because TorchScript needs the forward's input type spelled out."""
-
-    def __init__(self, *modules: nn.Module):
-        super().__init__(*modules)
-        self.grad_checkpointing = False
-
-
-class CheckpointSeq(_Checkpointable):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in self:
-            x = checkpoint_module(m, x) if self.grad_checkpointing and not torch.jit.is_scripting() else m(x)
-        return x
-
-
-class HRStage(_Checkpointable):
-    """HR modules in sequence over the list of streams (B, C_i, H/2^i, W/2^i)."""
-
-    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
-        for m in self:
-            x = checkpoint_module(m, x) if self.grad_checkpointing and not torch.jit.is_scripting() else m(x)
-        return x
-
-
-class Transition(nn.ModuleList):
-    """Adapt widths of existing streams (3x3 conv) and spawn the new one from the last stream."""
-
-    def __init__(self, prev: List[int], cur: List[int]):
-        layers: List[nn.Module] = []
-        for i, chs in enumerate(cur):
-            if i < len(prev):
-                layers.append(nn.Identity() if prev[i] == chs else _conv_bn(prev[i], chs, 3))
-            else:  # a new, lower-resolution stream: stride-2 convs from the lowest existing one
-                n = i + 1 - len(prev)
-                layers.append(nn.Sequential(
-                    *[_conv_bn(prev[-1], chs if k == n - 1 else prev[-1], 3, 2) for k in range(n)]))
-        super().__init__(layers)
-
-    def forward(self, x: List[torch.Tensor]) -> List[torch.Tensor]:
-        out: List[torch.Tensor] = []
-        for i, layer in enumerate(self):
-            out.append(layer(x[i] if i < len(x) else x[-1]))
-        return out
+MODEL_CFGS: Dict[str, HRNetCfg] = {name: v.cfg for name, v in VARIANTS.items()}
+PAPER_TOP1: Dict[str, float] = {name: v.top1 for name, v in VARIANTS.items() if v.top1 is not None}
 
 
 class HighResolutionNetC(nn.Module):
@@ -283,12 +112,12 @@ class HighResolutionNetC(nn.Module):
 
         # stem: two stride-2 3x3 convs, (B, 3, H, W) -> (B, stem, H/4, W/4)
         self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 3, 2, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cfg.stem_width, momentum=_BN_MOMENTUM)
+        self.bn1 = nn.BatchNorm2d(cfg.stem_width, momentum=BN_MOMENTUM)
         self.act1 = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cfg.stem_width, cfg.stem_width, 3, 2, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cfg.stem_width, momentum=_BN_MOMENTUM)
+        self.bn2 = nn.BatchNorm2d(cfg.stem_width, momentum=BN_MOMENTUM)
         self.act2 = nn.ReLU(inplace=True)
-        self.layer1 = CheckpointSeq(*_units(Bottleneck, cfg.stem_width, cfg.stage1_width, cfg.stage1_units, dpr))
+        self.layer1 = CheckpointSeq(*units(Bottleneck, cfg.stem_width, cfg.stage1_width, cfg.stage1_units, dpr))
         d = cfg.stage1_units
 
         chs = [cfg.stage1_width * Bottleneck.expansion]
@@ -306,9 +135,9 @@ class HighResolutionNetC(nn.Module):
         # head: incre bottleneck per stream, then cascade down to 1/32 and a 1x1 conv
         head = [w * Bottleneck.expansion for w in cfg.head_widths]
         self.incre_modules = nn.ModuleList(
-            [CheckpointSeq(*_units(Bottleneck, chs[i], cfg.head_widths[i], 1, [0.0])) for i in range(4)])
-        self.downsamp_modules = nn.ModuleList([_conv_bn(head[i], head[i + 1], 3, 2, bias=True) for i in range(3)])
-        self.final_layer = _conv_bn(head[3], cfg.num_features, 1, bias=True)
+            [CheckpointSeq(*units(Bottleneck, chs[i], cfg.head_widths[i], 1, [0.0])) for i in range(4)])
+        self.downsamp_modules = nn.ModuleList([conv_bn(head[i], head[i + 1], 3, 2, bias=True) for i in range(3)])
+        self.final_layer = conv_bn(head[3], cfg.num_features, 1, bias=True)
         self.num_features = self.head_hidden_size = cfg.num_features
         self.global_pool, self.head_drop, self.classifier = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
@@ -318,7 +147,6 @@ class HighResolutionNetC(nn.Module):
         self._init_weights()
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; state-dict values unchanged
-        self._register_load_state_dict_pre_hook(self._classifier_load_hook)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -327,21 +155,6 @@ class HighResolutionNetC(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-
-    def _classifier_load_hook(self, state_dict: Dict[str, torch.Tensor], prefix: str, *args: Any) -> None:
-        """A checkpoint classifier of another shape (fine-tuning to new classes) is left re-initialised,
-        so ``create_model(name, num_classes=N, checkpoint_path=...)`` works like ``pretrained=True``."""
-        for name in ('weight', 'bias'):
-            key = f'{prefix}classifier.{name}'
-            own = getattr(self.classifier, name, None)
-            if key not in state_dict:
-                continue
-            if own is None:
-                del state_dict[key]  # num_classes=0: a feature extractor keeps no classifier
-            elif own.shape != state_dict[key].shape:
-                _logger.warning('%s: checkpoint shape %s != model %s, classifier re-initialised',
-                                key, tuple(state_dict[key].shape), tuple(own.shape))
-                state_dict[key] = own.detach().clone()
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -359,7 +172,7 @@ class HighResolutionNetC(nn.Module):
         """Recompute each stage-1 unit, HR module and incre block in backward (exact, see recompute.py)."""
         self.grad_checkpointing = enable
         for m in self.modules():
-            if isinstance(m, _Checkpointable):
+            if isinstance(m, Checkpointable):
                 m.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -529,14 +342,6 @@ default_cfgs = generate_default_cfgs({
         'hrnet_w18_small_v2.gluon_in1k', interpolation='bicubic', license='apache-2.0'),
     'hrnet_tiny_c': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
 })
-
-# Paper top-1 (%) on ImageNet val at 224 (SPEC.md section 2; "repo" rows from the authors' repository).
-PAPER_TOP1: Dict[str, float] = {
-    'hrnet_w18_c': 76.9, 'hrnet_w30_c': 78.1, 'hrnet_w32_c': 78.5, 'hrnet_w40_c': 78.9, 'hrnet_w48_c': 79.3,
-    'hrnet_w64_c': 79.5, 'hrnet_w44_c': 77.0, 'hrnet_w76_c': 78.5, 'hrnet_w96_c': 79.0, 'hrnet_w44_c_basic': 78.9,
-    'hrnet_w18_small_c': 72.3, 'hrnet_w18_small_v2_c': 75.1,
-}
-
 
 def _register(fn):
     """register_model, refusing to replace a model timm itself (or anyone else) registered."""

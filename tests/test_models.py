@@ -7,28 +7,15 @@ import torch
 import torch.nn.functional as F
 
 import hrnet_cls
+from conftest import tiny_model
 from hrnet_cls.flops import count_macs
+from hrnet_cls.weights import init_from
 
-# SPEC.md section 2: exact parameter counts and GFLOPs (MACs / 2^30 at 224).
-TABLE = {
-    'hrnet_w18_c': (21_299_004, 3.99),
-    'hrnet_w30_c': (37_712_220, 7.55),
-    'hrnet_w32_c': (41_232_680, 8.31),
-    'hrnet_w40_c': (57_557_160, 11.82),
-    'hrnet_w48_c': (77_469_864, 16.09),
-    'hrnet_w64_c': (128_059_944, 26.91),
-    'hrnet_w44_c': (21_931_192, 3.90),
-    'hrnet_w76_c': (40_783_032, 7.30),
-    'hrnet_w96_c': (57_481_512, 10.25),
-    'hrnet_w44_c_basic': (67_064_984, 13.86),
-    'hrnet_w18_small_c': (13_187_464, 1.49),
-    'hrnet_w18_small_v2_c': (15_597_464, 2.42),
-}
 TINY = 'hrnet_tiny_c'
 
 
 def tiny(**kwargs) -> torch.nn.Module:
-    return timm.create_model(TINY, num_classes=kwargs.pop('num_classes', 10), **kwargs)
+    return tiny_model(kwargs.pop('num_classes', 10), seed=None, **kwargs)
 
 
 def calibrated(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:
@@ -41,15 +28,19 @@ def calibrated(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:
 
 
 def test_registry_holds_exactly_our_family_and_timm_keeps_its_own():
-    assert set(timm.list_models('hrnet*_c*')) == set(TABLE) | {TINY}
+    assert set(timm.list_models('hrnet*_c*')) == set(hrnet_cls.VARIANTS)  # the one table in hrnet_c.py
     for name in ('hrnet_w18', 'hrnet_w18_small', 'hrnet_w44'):
         assert timm.models.model_entrypoint(name).__module__ == 'timm.models.hrnet'
     assert timm.models.model_entrypoint('hrnet_w44_c').__module__ == 'hrnet_cls.hrnet_c'
 
 
-@pytest.mark.parametrize('name', sorted(TABLE))
+SLOW = pytest.mark.slow  # a full-size model at 224 px
+
+
+@pytest.mark.parametrize('name', [n if v.gflops < 3 else pytest.param(n, marks=SLOW)
+                                  for n, v in sorted(hrnet_cls.VARIANTS.items())])
 def test_params_and_gflops_match_the_paper_table(name):
-    params, gflops = TABLE[name]
+    params, gflops = hrnet_cls.VARIANTS[name].params, hrnet_cls.VARIANTS[name].gflops
     model = timm.create_model(name)
     assert sum(p.numel() for p in model.parameters()) == params
     measured = count_macs(model) / 2**30
@@ -220,19 +211,21 @@ def test_pretrained_without_weights_or_network_is_a_clear_error(monkeypatch):
 
 @pytest.fixture(scope='module')
 def timm_checkpoints(tmp_path_factory):
-    """Randomly initialised timm models (BN calibrated) saved plain and wrapped, as users hold them."""
-    out = {}
-    root = tmp_path_factory.mktemp('weights')
-    torch.manual_seed(0)
-    for theirs in ('hrnet_w18', 'hrnet_w18_small_v2'):
-        ref = calibrated(timm.create_model(theirs))
-        sd = ref.state_dict()
-        paths = {}
-        for kind, obj in (('plain', sd), ('state_dict', {'state_dict': sd}), ('model', {'model': sd})):
-            paths[kind] = root / f'{theirs}_{kind}.pth'
-            torch.save(obj, paths[kind])
-        out[theirs] = (ref, paths)
-    return out
+    """timm_checkpoints(name): a randomly initialised timm model (BN calibrated) saved plain and
+    wrapped, as users hold them; made on first use, so the fast lane builds only what it runs."""
+    made, root = {}, tmp_path_factory.mktemp('weights')
+
+    def get(theirs: str):
+        if theirs not in made:
+            torch.manual_seed(0)
+            ref = calibrated(timm.create_model(theirs))
+            sd, paths = ref.state_dict(), {}
+            for kind, obj in (('plain', sd), ('state_dict', {'state_dict': sd}), ('model', {'model': sd})):
+                paths[kind] = root / f'{theirs}_{kind}.pth'
+                torch.save(obj, paths[kind])
+            made[theirs] = (ref, paths)
+        return made[theirs]
+    return get
 
 
 def max_error(got: torch.Tensor, expected: torch.Tensor, layout_nchw: bool) -> float:
@@ -242,11 +235,12 @@ def max_error(got: torch.Tensor, expected: torch.Tensor, layout_nchw: bool) -> f
     return err if layout_nchw else err / expected.abs().max().item()
 
 
-@pytest.mark.parametrize('ours,theirs', [('hrnet_w18_c', 'hrnet_w18'), ('hrnet_w18_small_v2_c', 'hrnet_w18_small_v2')])
+@pytest.mark.parametrize('ours,theirs', [pytest.param('hrnet_w18_c', 'hrnet_w18', marks=SLOW),
+                                         ('hrnet_w18_small_v2_c', 'hrnet_w18_small_v2')])
 @pytest.mark.parametrize('kind', ['plain', 'state_dict', 'model'])
 @pytest.mark.parametrize('nchw', [True, False], ids=['nchw', 'default_nhwc'])
 def test_timm_weights_load_with_identical_logits(timm_checkpoints, ours, theirs, kind, nchw):
-    ref, paths = timm_checkpoints[theirs]
+    ref, paths = timm_checkpoints(theirs)
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     layout = dict(channels_last=False) if nchw else {}
     with torch.no_grad():
@@ -259,13 +253,18 @@ def test_timm_weights_load_with_identical_logits(timm_checkpoints, ours, theirs,
 
 
 def test_timm_weights_fine_tune_into_new_num_classes(timm_checkpoints):
-    ref, paths = timm_checkpoints['hrnet_w18']
+    """As for every timm model: checkpoint_path is a strict load, pretrained weights adapt the head."""
+    ref, paths = timm_checkpoints('hrnet_w18_small_v2')
+    with pytest.raises(RuntimeError, match='size mismatch for classifier.weight'):
+        timm.create_model('hrnet_w18_small_v2_c', num_classes=7, checkpoint_path=str(paths['state_dict']))
+    explicit = timm.create_model('hrnet_w18_small_v2_c', num_classes=7)
+    assert init_from(explicit, paths['state_dict']) == ['classifier.weight', 'classifier.bias']
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         expected = ref.forward_head(ref.forward_features(x), pre_logits=True)
         for model in (
-            timm.create_model('hrnet_w18_c', num_classes=7, checkpoint_path=str(paths['state_dict'])),
-            timm.create_model('hrnet_w18_c', num_classes=7, pretrained=True,
+            explicit,
+            timm.create_model('hrnet_w18_small_v2_c', num_classes=7, pretrained=True,
                               pretrained_cfg_overlay=dict(file=str(paths['plain']))),
         ):
             model.eval()
