@@ -18,30 +18,28 @@ import argparse
 import functools
 import logging
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
+from timm.utils import random_seed
 from torch import nn
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the HRNet-C models with timm
-from hrnet_cls.checkpoint import (CheckpointManager, build_state, capture_rng, load_checkpoint, load_into_model,
-                                  restore_state, resume_path)
-from hrnet_cls.config import (Config, ConfigError, check_model_name, config_to_dict, load_config,
-                              resolve_precision, save_config)
+from hrnet_cls.checkpoint import CheckpointManager, build_state, capture_rng, load_checkpoint, restore_state, resume_path
+from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config, save_config
 from hrnet_cls.data import TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
-from hrnet_cls.distributed import DistInfo, all_gather_object, broadcast_object, cleanup, init_distributed
-from hrnet_cls.ema import build_ema
-from hrnet_cls.engine import NonFiniteLossError, TrainParts, evaluate, train_one_epoch
-from hrnet_cls.optim import build_optimizer, build_scheduler
+from hrnet_cls.distributed import (DistInfo, all_gather_object, broadcast_buffers, broadcast_object, cleanup,
+                                   init_distributed)
+from hrnet_cls.engine import NonFiniteLossError, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.evaluation import evaluate
+from hrnet_cls.precision import Precision
 from hrnet_cls.tracking import Tracker
+from hrnet_cls.weights import init_from
 
 logger = logging.getLogger("train")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def preflight(cfg: Config) -> str:
+def preflight(cfg: Config) -> Precision:
     """Errors that need the file system or the model registry, found in seconds and before
     any output exists. Returns the precision resolved for this machine."""
     for key in ("train_shards", "val_shards"):
@@ -59,32 +57,32 @@ def preflight(cfg: Config) -> str:
             expand_urls(getattr(cfg.data, key))
         except FileNotFoundError as e:
             raise ConfigError(f"data.{key}: {e}") from None
-    check_model_name(cfg.model.name)
+    try:
+        check_model_name(cfg.model.name)
+    except ConfigError as e:
+        raise ConfigError(f"model.name: {e}") from None
     for key, path in (("model.init_from", cfg.model.init_from), ("checkpoint.resume", cfg.checkpoint.resume)):
         if path not in ("", "auto") and not Path(path).is_file():
             raise ConfigError(f"{key}: no checkpoint file {path!r}")
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.sync_bn and device_type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.sync_bn=true needs CUDA: DDP runs SyncBatchNorm on GPUs only")
-    return resolve_precision(cfg.train.precision, device_type)
+    try:
+        return Precision.of(cfg.train.precision, device_type)
+    except ValueError as e:
+        raise ConfigError(f"train.precision: {e}") from None
 
 
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_model(cfg: Config, info: DistInfo, init_from: str) -> nn.Module:
+def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     """The bare model on its device, identical on every rank (same seed; DDP broadcasts too)."""
-    seed_all(cfg.train.seed)
+    random_seed(cfg.train.seed)
     # HRNet-C keeps its activations in the layout it is built with; other timm models follow their input
     layout = {"channels_last": cfg.train.channels_last} if cfg.model.name in MODEL_CFGS else {}
     net = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes,
                             drop_path_rate=cfg.model.drop_path_rate, **layout)
-    if init_from:
-        logger.info("initialising %s from %s", cfg.model.name, init_from)
-        load_into_model(net, init_from, cfg.model.num_classes)  # logs re-initialised / missing keys
+    if start_from:
+        logger.info("initialising %s from %s", cfg.model.name, start_from)
+        init_from(net, start_from)  # a classifier of another num_classes keeps its fresh init
     net.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.train.sync_bn and info.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -92,25 +90,6 @@ def build_model(cfg: Config, info: DistInfo, init_from: str) -> nn.Module:
     logger.info("%s: %.2fM parameters on %s x %d", cfg.model.name,
                 sum(p.numel() for p in net.parameters()) / 1e6, info.device, info.world_size)
     return net.to(info.device, memory_format=fmt)
-
-
-def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: str, steps_per_epoch: int) -> TrainParts:
-    """Every recipe choice, made once: the engine runs these objects without branching."""
-    ema = build_ema(net, cfg.train.ema, cfg.train.ema_decay)  # before DDP: it copies the bare model
-    device_ids = [info.device] if info.device.type == "cuda" else None
-    model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if info.world_size > 1 else net
-    model = torch.compile(model) if cfg.train.compile else model
-    optimizer = build_optimizer(net, cfg.optim)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
-    return TrainParts(
-        model=model, net=net, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
-        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, steps_per_epoch), scaler=scaler,
-        autocast=torch.autocast(info.device.type, dtype=AMP_DTYPES[precision], enabled=precision != "fp32"),
-        ema=ema, device=info.device,
-        memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
-        world_size=info.world_size, epochs=cfg.schedule.epochs,
-        halt_on_nonfinite=not scaler.is_enabled(),  # fp16: the scaler skips non-finite steps instead
-        log_interval=cfg.train.log_interval, save_interval=cfg.checkpoint.save_interval)
 
 
 def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, epoch: int, batch_in_epoch: int,
@@ -126,14 +105,11 @@ def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, epoc
 
 
 def validate(parts: TrainParts, loader: ValLoader) -> dict[str, float]:
-    """val_* metrics of the model and, with EMA, ema_* of the averaged weights."""
-    metrics = {}
-    for prefix, model in (("val", parts.net), ("ema", parts.ema.module)):
-        if model is not None:
-            result = evaluate(model, loader, device=parts.device, autocast=parts.autocast,
-                              memory_format=parts.memory_format)
-            metrics |= {f"{prefix}_{k}": v for k, v in result.items()}
-    return metrics
+    """val_* metrics of the model and, with EMA, ema_* of the averaged weights: one decode of the data."""
+    models = {name: m for name, m in (("val", parts.net), ("ema", parts.ema.module)) if m is not None}
+    for model in models.values():
+        broadcast_buffers(model)  # every rank validates (and trains on from) rank 0's BN statistics
+    return evaluate(models, loader, device=parts.device, precision=parts.precision, memory_format=parts.memory_format)
 
 
 def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: ValLoader, tracker: Tracker,
@@ -164,7 +140,7 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
     return last
 
 
-def train(cfg: Config, info: DistInfo, precision: str) -> dict:
+def train(cfg: Config, info: DistInfo, precision: Precision) -> dict:
     """Build everything, restore the resume position, run fit(); returns the last val metrics."""
     out, d = Path(cfg.checkpoint.output_dir), cfg.data
     train_loader = build_train_loader(d.train_shards, batch_size=d.batch_size, img_size=d.img_size,
@@ -176,7 +152,7 @@ def train(cfg: Config, info: DistInfo, precision: str) -> dict:
                                   workers=d.workers, num_classes=cfg.model.num_classes,
                                   pin_memory=info.device.type == "cuda")
     resume = broadcast_object(resume_path(cfg.checkpoint.resume, out) if info.is_main else None)
-    net = build_model(cfg, info, init_from="" if resume else cfg.model.init_from)  # resume wins
+    net = build_model(cfg, info, start_from="" if resume else cfg.model.init_from)  # resume wins
     parts = build_parts(cfg, info, net, precision, train_loader.batches_per_epoch)
     state = load_checkpoint(resume) if resume else None
     manager = CheckpointManager(out, cfg.checkpoint.keep) if info.is_main else None
@@ -184,7 +160,7 @@ def train(cfg: Config, info: DistInfo, precision: str) -> dict:
         save_config(cfg, out / "config.yaml")  # the resolved recipe, before the first checkpoint
     tracker = Tracker(cfg, out, info.is_main, start_epoch=state["epoch"] if state else 0)
     try:
-        seed_all(cfg.train.seed + info.rank)  # dropout / drop-path differ per rank
+        random_seed(cfg.train.seed, info.rank)  # dropout / drop-path differ per rank
         position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "metrics": {}}
         if state:
             restore_state(state, net, parts.optimizer, parts.scaler, parts.ema.module, rank=info.rank)
@@ -194,7 +170,7 @@ def train(cfg: Config, info: DistInfo, precision: str) -> dict:
             logger.info("resumed from %s: epoch %d, batch %d, step %d",
                         resume, state["epoch"], state["batch_in_epoch"], state["step"])
         logger.info("%d epochs x %d steps of %d x %d images, precision %s", cfg.schedule.epochs,
-                    train_loader.batches_per_epoch, d.batch_size, info.world_size, precision)
+                    train_loader.batches_per_epoch, d.batch_size, info.world_size, precision.name)
         return fit(cfg, parts, train_loader, val_loader, tracker, manager, position)
     finally:
         tracker.finish()

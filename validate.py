@@ -23,9 +23,9 @@ import sys
 
 import torch
 
-from hrnet_cls.config import ConfigError, resolve_precision
 from hrnet_cls.data import expand_urls
 from hrnet_cls.distributed import barrier, cleanup, init_distributed
+from hrnet_cls.precision import PRECISIONS, Precision
 from hrnet_cls.validation import (
     Row,
     SweepError,
@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-pct", nargs="+", type=float, default=[], metavar="F",
                    help="centre-crop fractions to sweep, in (0, 1] (default: as --img-size)")
     p.add_argument("--use-ema", action="store_true", help="validate the EMA weights")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations (faster on tensor cores)")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per forward")
@@ -100,12 +100,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
-def pick_precision(requested: str, device: torch.device) -> str:
+def pick_precision(requested: str, device: torch.device) -> Precision:
     """--precision resolved as in training: auto = bf16 on CUDA, fp32 elsewhere."""
     try:
-        return resolve_precision(requested, device.type)
-    except ConfigError:
-        raise UsageError(f"--precision {requested} needs a CUDA device, running on {device.type}") from None
+        return Precision.of(requested, device)
+    except ValueError as e:
+        raise UsageError(f"--precision: {e}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

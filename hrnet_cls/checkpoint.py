@@ -1,4 +1,6 @@
-"""Atomic checkpoints, resume, and weight loading for fine-tuning.
+"""Training checkpoints: the state of a run, atomic saves, and which file to resume from.
+
+Reading weights for fine-tuning or validation is hrnet_cls.weights' job.
 
 Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so timm's
 ``load_checkpoint`` reads it too; timm takes 'model_ema' when not None, else 'model'):
@@ -29,16 +31,16 @@ import random
 import subprocess
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from timm.models import clean_state_dict  # strips DDP 'module.' / torch.compile '_orig_mod.'
 from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile and EMA wrappers
 from torch import nn
+
+from hrnet_cls.weights import read_file
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +209,9 @@ def _atomic_link(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
-    """Load one of our checkpoints; raises if unreadable or not a training checkpoint."""
-    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """Load one of our checkpoints on the CPU; raises if unreadable or not a training checkpoint."""
+    state = read_file(path, mmap=mmap)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint dict ({type(state).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in state]
@@ -265,16 +267,6 @@ def resume_path(resume: str, output_dir: str | Path) -> Path | None:
     return Path(resume)
 
 
-def load_resume(output_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """Fully load the newest valid checkpoint, falling back to older ones if it fails."""
-    for _, path in _readable_steps(Path(output_dir)):
-        try:
-            return path, load_checkpoint(path)
-        except Exception as e:
-            logger.warning("checkpoint %s failed to load, trying an older one: %s", path, e)
-    return None
-
-
 class CheckpointManager:
     """Writes last/best/epoch checkpoints of one run; use on the main rank only."""
 
@@ -297,9 +289,6 @@ class CheckpointManager:
             self.best_metric = metric
         last = self.output_dir / "last.pth"
         save_checkpoint(last, {**state, "best_metric": self.best_metric})
-        if "config" in state:
-            text = yaml.safe_dump(dict(state["config"]), sort_keys=False).encode()
-            _atomic_write(self.output_dir / "config.yaml", lambda f: f.write(text))
         if epoch_end and self.keep > 0:
             if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
                 raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
@@ -314,94 +303,3 @@ class CheckpointManager:
         epochs = sorted(self.output_dir.glob("epoch_[0-9]*.pth"))
         for old in epochs[: max(0, len(epochs) - self.keep)]:
             old.unlink(missing_ok=True)
-
-    def resume(self, resume: str) -> dict[str, Any] | None:
-        """Checkpoint dict to continue from: "" = none, "auto" = newest valid one in
-        output_dir (None if there is none), else that path (errors if unloadable)."""
-        if resume == "":
-            return None
-        if resume == "auto":
-            found = load_resume(self.output_dir)
-            if found is None:
-                logger.info("no checkpoint in %s, starting fresh", self.output_dir)
-                return None
-            path, state = found
-        else:
-            path, state = Path(resume), load_checkpoint(resume)
-        self.best_metric = state.get("best_metric")
-        logger.info("resuming from %s: epoch %d, batch %d, step %d",
-                    path, state["epoch"], state["batch_in_epoch"], state["step"])
-        return state
-
-
-# ---------------------------------------------------------------- fine-tuning
-
-
-@dataclass
-class LoadReport:
-    """What load_into_model did; missing keys keep their fresh initialisation."""
-
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)  # classifier keys of another shape
-
-
-def _is_state_dict(value: Any) -> bool:
-    return isinstance(value, Mapping) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def _pick_state_dict(ckpt: Any, use_ema: bool) -> Mapping[str, torch.Tensor]:
-    """The weights inside ours ('model'/'model_ema'), the authors' ('state_dict', where
-    'model' is a name string) or a plain state dict (timm, authors' final_state.pth)."""
-    keys = (["model_ema", "state_dict_ema"] if use_ema else []) + ["state_dict", "model"]
-    if isinstance(ckpt, Mapping):
-        for key in keys:
-            if _is_state_dict(ckpt.get(key)):
-                return ckpt[key]
-    if _is_state_dict(ckpt):
-        return ckpt
-    shown = list(ckpt)[:8] if isinstance(ckpt, Mapping) else type(ckpt).__name__
-    raise ValueError(f"no state dict found in checkpoint (top level: {shown})")
-
-
-def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """Module names of the classifier, e.g. ('classifier',) for HRNet, ('fc',) for ResNet."""
-    names = getattr(model, "pretrained_cfg", {}).get("classifier")
-    if names:
-        return (names,) if isinstance(names, str) else tuple(names)
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    return tuple(name for name, module in model.named_modules() if head is not None and module is head)
-
-
-def load_into_model(
-    model: nn.Module, source: str | Path | Mapping[str, Any], num_classes: int | None = None, use_ema: bool = False
-) -> LoadReport:
-    """Initialise model from a checkpoint for fine-tuning (non-strict).
-
-    Classifier tensors whose shape differs (another num_classes) are dropped and keep
-    their fresh initialisation; any other shape mismatch is an error (wrong architecture).
-    num_classes, when given, must match the model's classifier (a consistency check).
-    """
-    target = unwrap_model(model)
-    ckpt = torch.load(source, map_location="cpu", weights_only=True) if isinstance(source, (str, Path)) else source
-    weights = clean_state_dict(_pick_state_dict(ckpt, use_ema))
-    own = target.state_dict()
-    heads = _classifier_prefixes(target)
-    if num_classes is not None and getattr(target, "num_classes", num_classes) != num_classes:
-        raise ValueError(f"model has {target.num_classes} classes, expected num_classes={num_classes}")
-    mismatched = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    dropped = [k for k in mismatched if k.startswith(tuple(h + "." for h in heads))]
-    wrong = sorted(set(mismatched) - set(dropped))
-    if wrong:
-        raise ValueError(f"checkpoint shapes differ from the model outside the classifier: {wrong[:5]}")
-    if not set(weights) & set(own):
-        raise ValueError(f"checkpoint shares no parameter names with {type(target).__name__}")
-    result = target.load_state_dict({k: v for k, v in weights.items() if k not in dropped}, strict=False)
-    missing = sorted(set(result.missing_keys) - set(dropped))
-    report = LoadReport(missing, sorted(result.unexpected_keys), dropped)
-    if dropped:
-        logger.info("classifier re-initialised (shape differs): %s", dropped)
-    if report.missing or report.unexpected:
-        logger.warning("init weights: %d missing keys %s, %d unexpected keys %s",
-                       len(report.missing), report.missing[:5], len(report.unexpected), report.unexpected[:5])
-    return report

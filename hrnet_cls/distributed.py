@@ -70,16 +70,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank if flag is true on any rank; e.g. stop all ranks alike on a
-    non-finite loss, so none is left waiting in the next collective."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def all_gather_object(obj: Any) -> list[Any]:
     """One picklable object per rank, indexed by rank (e.g. RNG states for a checkpoint)."""
     if not is_distributed():
@@ -96,6 +86,14 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Give every process rank 0's buffers. Under DDP each process last updated its BN running
+    statistics from its own batch; validate (and keep training from) the ones rank 0 saves."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def barrier() -> None:

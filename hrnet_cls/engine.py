@@ -1,8 +1,9 @@
-"""One training epoch and one evaluation pass (DeiT's main.py / engine.py split).
+"""The training objects of a recipe, and one training epoch over them (DeiT's engine.py).
 
-``train_one_epoch`` and ``evaluate`` return dicts of metrics averaged over every step and
-every process. What a recipe chooses (loss, precision, EMA, LR schedule, DDP, compile) lives
-in the objects of :class:`TrainParts`, built once by train.py: the loop never branches on it.
+``build_parts`` makes every choice of a recipe once (loss, precision, EMA, LR schedule, DDP,
+compile) as the objects of :class:`TrainParts`; ``train_one_epoch`` runs them without
+branching on the recipe and returns a dict of metrics over every step and every process.
+Evaluation lives in hrnet_cls.evaluation.
 
 Host syncs: the loop reads no device value per step. The loss sum and a count of non-finite
 losses stay on the device and are read (one all_reduce, one copy to the host) every
@@ -21,14 +22,15 @@ from datetime import timedelta
 from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from hrnet_cls.data import TrainLoader, accuracy_counts, all_reduce_counts
-from hrnet_cls.distributed import all_reduce_sum, is_distributed
-from hrnet_cls.ema import NoEma
-from hrnet_cls.optim import StepSchedule
+from hrnet_cls.config import Config
+from hrnet_cls.data import TrainLoader
+from hrnet_cls.distributed import DistInfo, all_reduce_sum
+from hrnet_cls.ema import NoEma, build_ema
+from hrnet_cls.optim import StepSchedule, build_optimizer, build_scheduler
+from hrnet_cls.precision import Precision
 from hrnet_cls.tracking import Tracker
 
 logger = logging.getLogger(__name__)
@@ -50,9 +52,10 @@ class TrainParts:
     criterion: nn.Module  # logits (B, C), targets (B,) -> mean loss ()
     optimizer: torch.optim.Optimizer
     scheduler: StepSchedule  # sets the lr of optimizer step k: a pure function of k
+    precision: Precision  # resolved: bf16 | fp16 | fp32
     scaler: torch.amp.GradScaler  # loss scaling; enabled for fp16 only
     autocast: AbstractContextManager  # torch.autocast(device, dtype); disabled for fp32
-    ema: nn.Module | NoEma  # ModelEmaV3 or NoEma: update(net) after every step
+    ema: ModelEmaV3 | NoEma  # update(net) after every step
     device: torch.device
     memory_format: torch.memory_format  # of the input batches: channels_last or contiguous
     world_size: int  # processes; images per step = batch x world_size
@@ -60,6 +63,28 @@ class TrainParts:
     halt_on_nonfinite: bool  # stop on a NaN/inf loss; False under fp16, whose scaler skips those steps
     log_interval: int  # optimizer steps between log lines (and host syncs)
     save_interval: int  # optimizer steps between mid-epoch checkpoints; 0 = none
+
+
+def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision,
+                steps_per_epoch: int) -> TrainParts:
+    """Every recipe choice, made once: the loop runs these objects without branching.
+
+    net: the bare model, on its device and in its memory format.
+    """
+    ema = build_ema(net, cfg.train.ema, cfg.train.ema_decay)  # before DDP: it copies the bare model
+    device_ids = [info.device] if info.device.type == "cuda" else None
+    model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if info.world_size > 1 else net
+    model = torch.compile(model) if cfg.train.compile else model
+    optimizer = build_optimizer(net, cfg.optim)
+    scaler = precision.grad_scaler()
+    return TrainParts(
+        model=model, net=net, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, steps_per_epoch),
+        precision=precision, scaler=scaler, autocast=precision.autocast(), ema=ema, device=info.device,
+        memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
+        world_size=info.world_size, epochs=cfg.schedule.epochs,
+        halt_on_nonfinite=not scaler.is_enabled(),  # fp16: the scaler skips non-finite steps instead
+        log_interval=cfg.train.log_interval, save_interval=cfg.checkpoint.save_interval)
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
@@ -183,47 +208,3 @@ class _Meter:
         return {"train_loss": loss_sum / finite if finite else float("nan"), "lr": lr, "step": global_step,
                 "images_per_s": self.images * self.parts.world_size / max(elapsed, 1e-9),
                 "train_time_s": elapsed, "skipped": int(skipped), "nonfinite": int(nonfinite)}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[Batch], *, device: torch.device,
-             autocast: AbstractContextManager,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
-    """Exact top-1 / top-5 (%) and mean cross-entropy of ``model`` over the whole validation set.
-
-    Pass the bare model, not DDP. Each process runs its share of the samples (the val loader
-    reads every sample exactly once over all processes); integer hit counts and loss sums
-    are added over processes, so any number of processes gives the 1-process numbers. The
-    loss is plain cross-entropy (no label smoothing). Buffers (BN statistics) are first made
-    rank 0's, which the checkpoint stores. Returns top1, top5, loss, samples, skipped.
-    """
-    broadcast_buffers(model)
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # [top-1 hits, top-5 hits, samples]
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    skipped = 0
-    for images, targets, bad in _iterate(loader):
-        skipped += bad
-        if targets.numel() == 0:  # a worker whose samples were all unreadable reports its skips only
-            continue
-        images = images.to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, H, W)
-        targets = targets.to(device, non_blocking=True)  # (B,)
-        with autocast:
-            logits = model(images)  # (B, num_classes)
-        loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum")
-        counts += accuracy_counts(logits, targets)
-    model.train(was_training)
-    top1, top5, n = all_reduce_counts(counts).tolist()
-    extra = torch.stack([loss_sum, torch.tensor(float(skipped), dtype=torch.float64, device=device)])
-    loss_total, skipped_total = all_reduce_sum(extra).tolist()
-    return {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1),
-            "loss": loss_total / max(n, 1), "samples": n, "skipped": int(skipped_total)}
-
-
-def broadcast_buffers(model: nn.Module) -> None:
-    """Give every process rank 0's buffers. Under DDP each process last updated its BN running
-    statistics from its own batch; validate (and keep training from) the ones rank 0 saves."""
-    if is_distributed():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)

@@ -1,4 +1,4 @@
-"""SGD optimizer and the paper's step LR schedule (SPEC section 4).
+"""SGD optimizer and the paper's step LR schedule (docs/design.md section 3).
 
 The schedule is a pure function of the global optimizer step, so resuming needs only the
 step counter stored in the checkpoint: there is no scheduler state to save.
@@ -7,66 +7,30 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_right
-from typing import Iterator
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from hrnet_cls.config import OptimConfig, ScheduleConfig
 
 logger = logging.getLogger(__name__)
 
-# Normalisation layers whose affine parameters are exempt from decay when asked. _NormBase
-# covers BatchNorm*d, SyncBatchNorm and InstanceNorm*d.
-NORM_TYPES: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase,
-    nn.GroupNorm,
-    nn.LayerNorm,
-    nn.LocalResponseNorm,
-)
-if hasattr(nn, "RMSNorm"):
-    NORM_TYPES += (nn.RMSNorm,)
-
-
-def linear_scaled_lr(global_batch: int, base_lr: float = 0.1, base_batch: int = 256) -> float:
-    """Linear scaling rule: the paper's lr 0.1 at 256 images, proportionally otherwise."""
-    return base_lr * global_batch / base_batch
-
-
-def _owned_parameters(model: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Parameter]]:
-    """(owning module, attribute name, parameter) once per trainable parameter."""
-    seen: set[int] = set()
-    for module in model.modules():
-        for attr, param in module.named_parameters(recurse=False):
-            if param.requires_grad and id(param) not in seen:
-                seen.add(id(param))
-                yield module, attr, param
-
-
-def split_decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decay, no_decay): no_decay holds normalisation-layer parameters and every bias.
-
-    Chosen by the owning module's type and the attribute name on that module, never by
-    dotted parameter names: HRNet's BN weights are called e.g. ``transition1.0.1.weight``.
-    """
-    decay, no_decay = [], []
-    for module, attr, param in _owned_parameters(model):
-        exempt = isinstance(module, NORM_TYPES) or attr == "bias"
-        (no_decay if exempt else decay).append(param)
-    return decay, no_decay
-
-
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum; weight decay on every parameter unless configured off."""
+    """SGD with (Nesterov) momentum; weight decay on every parameter unless configured off.
+
+    Off: timm's ``param_groups_weight_decay`` exempts every 1-D tensor (norm weights and
+    biases, whatever their dotted names) and every ``.bias``. For HRNet-C that is exactly
+    the normalisation-layer parameters plus all biases (tests/test_optim.py checks it on
+    every variant); it never goes by names like ``transition1.0.1.weight``.
+    """
     if cfg.wd_on_norm_and_bias:
-        groups = [{"params": [p for _, _, p in _owned_parameters(model)], "weight_decay": cfg.weight_decay}]
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     else:
-        decay, no_decay = split_decay_groups(model)
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        logger.info("weight decay on %d tensors, none on %d norm/bias tensors", len(decay), len(no_decay))
+        groups = param_groups_weight_decay(model, cfg.weight_decay)
+        exempt = sum(len(g["params"]) for g in groups if g["weight_decay"] == 0.0)
+        total = sum(len(g["params"]) for g in groups)
+        logger.info("weight decay on %d tensors, none on %d norm/bias tensors", total - exempt, exempt)
     groups = [g for g in groups if g["params"]]
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
 
@@ -100,10 +64,6 @@ class StepSchedule:
         if self.warmup_steps:
             factor *= min(1.0, (epoch * self.steps_per_epoch + 1) / self.warmup_steps)
         return factor
-
-    def lr_at(self, epoch: float) -> float:
-        """Learning rate of the first param group at fractional epoch."""
-        return self.base_lrs[0] * self.factor_at(epoch)
 
     def step(self, global_step: int) -> float:
         """Set every group's lr for optimizer step number global_step (0-based); returns it.

@@ -22,16 +22,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from conftest import DIGITS
 from hrnet_cls.data import loaders, sources
 from hrnet_cls.data import (
-    accuracy_counts,
-    all_reduce_counts,
     build_train_loader,
     build_val_loader,
     expand_urls,
     read_info,
     shard_lengths,
 )
+from hrnet_cls.evaluation import accuracy_counts, feed, reduce
+from hrnet_cls.precision import Precision
 from hrnet_cls.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -41,7 +42,6 @@ from hrnet_cls.data.transforms import (
     train_crop,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 Sample = tuple[str, dict[str, bytes]]
 
@@ -284,16 +284,6 @@ def test_truncated_or_corrupt_jpeg_raises_at_any_decode_scale(keep: float) -> No
             _decode(Image.open(io.BytesIO(bad)), keep)
 
 
-def test_accuracy_counts_and_single_process_all_reduce() -> None:
-    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.01, 0.05], [0.2, 0.3, 0.5], [0.3, 0.2, 0.1]])
-    targets = torch.tensor([1, 2, 0, 0])
-    assert accuracy_counts(logits, targets, topk=(1, 2)).tolist() == [2, 3, 4]
-    counts = accuracy_counts(logits, targets)  # top-5 of 3 classes: every sample
-    assert counts.dtype == torch.int64 and counts.tolist() == [2, 4, 4]
-    assert torch.equal(all_reduce_counts(counts), counts)
-    assert accuracy_counts(logits[:0], targets[:0]).tolist() == [0, 0, 0]
-
-
 # ---------------------------------------------------------------- bad data
 
 
@@ -380,7 +370,7 @@ def test_warnings_are_rate_limited(caplog) -> None:
 
 
 def test_bundled_digits_shards_feed_both_loaders() -> None:
-    folder = REPO / "shards" / "digits"
+    folder = DIGITS
     info = read_info(str(folder))
     assert info["class_names"] == [str(d) for d in range(10)] and info["num_classes"] == 10
     assert info["splits"]["train"]["num_samples"] == 1437 and info["splits"]["val"]["num_samples"] == 360
@@ -403,6 +393,11 @@ def toy_logits(images: torch.Tensor) -> torch.Tensor:
     return -((torch.arange(NUM_CLASSES).view(1, -1) - predicted.view(-1, 1)) % NUM_CLASSES).float()
 
 
+class ToyModel(torch.nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return toy_logits(images)
+
+
 def _ddp_job(rank: int, world: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
@@ -415,12 +410,10 @@ def _ddp_job(rank: int, world: int, root: str) -> None:
         train_ids += ids_of(images)
     val = build_val_loader(f"{root}/val-*.tar", batch_size=5, img_size=16, crop_pct=1.0, rank=rank,
                            world_size=world, workers=2)
-    counts, val_ids = torch.zeros(3, dtype=torch.int64), []
-    for images, targets, _ in val:
-        counts += accuracy_counts(toy_logits(images), targets)
-        val_ids += ids_of(images)
-    result = {"steps": steps, "train_ids": train_ids, "val_ids": val_ids,
-              "total": all_reduce_counts(counts).tolist()}
+    val_ids = []
+    batches = [(images, targets, bad) for images, targets, bad in val if not val_ids.extend(ids_of(images))]
+    totals = reduce(feed([ToyModel()], batches, device=torch.device("cpu"), precision=Precision.of("fp32", "cpu")))
+    result = {"steps": steps, "train_ids": train_ids, "val_ids": val_ids, "total": totals.counts[0]}
     Path(root, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 

@@ -2,27 +2,27 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import REPO, subprocess_env
 from hrnet_cls import distributed
 
-REPO = Path(__file__).resolve().parent.parent
 
 WORKER = """
 import json, os, sys, torch
 from hrnet_cls import distributed as d
 info = d.init_distributed(timeout_s=60)
 t = d.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
+bn = torch.nn.BatchNorm1d(2)
+bn.running_mean.fill_(info.rank + 1.0)  # each rank's own statistics
 result = {
     "rank": info.rank, "world_size": info.world_size, "local_rank": info.local_rank,
     "is_main": info.is_main, "device": str(info.device), "sum": t.item(),
-    "any_one": d.any_rank(info.rank == 1), "any_none": d.any_rank(False),
+    "buffers": d.broadcast_buffers(bn) or bn.running_mean.tolist(),
     "gathered": d.all_gather_object({"r": info.rank}),
     "broadcast": d.broadcast_object("from rank 0" if info.rank == 0 else None),
 }
@@ -40,7 +40,9 @@ def test_single_process_without_torchrun(monkeypatch) -> None:
     assert not distributed.is_distributed()
     t = torch.tensor([2.0])
     assert distributed.all_reduce_sum(t).item() == 2.0
-    assert distributed.any_rank(True) and not distributed.any_rank(False)
+    bn = torch.nn.BatchNorm1d(2)
+    distributed.broadcast_buffers(bn)
+    assert bn.running_mean.tolist() == [0.0, 0.0]
     assert distributed.all_gather_object("x") == ["x"]
     assert distributed.broadcast_object("y") == "y"
     distributed.barrier()
@@ -51,9 +53,7 @@ def test_single_process_without_torchrun(monkeypatch) -> None:
 def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU even on a GPU machine
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env = subprocess_env(tmp_path)  # gloo on CPU even on a GPU machine
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(script), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -63,6 +63,6 @@ def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
         assert (res["rank"], res["local_rank"], res["world_size"]) == (rank, rank, 2)
         assert res["is_main"] == (rank == 0) and res["device"] == "cpu"
         assert res["sum"] == 3.0  # 1 + 2
-        assert res["any_one"] is True and res["any_none"] is False
+        assert res["buffers"] == [1.0, 1.0]  # rank 0's statistics everywhere
         assert res["gathered"] == [{"r": 0}, {"r": 1}]
         assert res["broadcast"] == "from rank 0"

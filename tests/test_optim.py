@@ -6,13 +6,10 @@ import timm
 import torch
 from torch import nn
 
-import hrnet_cls  # noqa: F401  (registers hrnet_tiny_c)
+import hrnet_cls
+from conftest import tiny_model
 from hrnet_cls.config import OptimConfig, ScheduleConfig
-from hrnet_cls.optim import build_optimizer, build_scheduler, linear_scaled_lr, split_decay_groups
-
-
-def tiny_model(num_classes: int = 10) -> nn.Module:
-    return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
+from hrnet_cls.optim import build_optimizer, build_scheduler
 
 
 class HRNetNamed(nn.Module):
@@ -44,9 +41,25 @@ def test_paper_default_decays_every_parameter() -> None:
     assert len(group["params"]) == len(list(model.parameters()))
 
 
+def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(decayed, exempt) parameters of the optimizer built with the norm/bias exemption."""
+    cfg = OptimConfig(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4, wd_on_norm_and_bias=False)
+    groups = build_optimizer(model, cfg).param_groups
+    return ([p for g in groups if g["weight_decay"] > 0 for p in g["params"]],
+            [p for g in groups if g["weight_decay"] == 0 for p in g["params"]])
+
+
+def by_module_type(model: nn.Module) -> set[int]:
+    """The paper-faithful exemption rule: parameters of normalisation layers, and biases,
+    chosen by the owning module's type and attribute (never by dotted names)."""
+    norms = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+    return {id(p) for m in model.modules() for attr, p in m.named_parameters(recurse=False)
+            if isinstance(m, norms) or attr == "bias"}
+
+
 def test_exempt_groups_are_chosen_by_module_type() -> None:
     model = HRNetNamed()
-    decay, no_decay = split_decay_groups(model)
+    decay, no_decay = decay_groups(model)
     assert names(model, no_decay) == {
         "transition1.0.1.weight", "transition1.0.1.bias", "gn.weight", "gn.bias",
         "ln.weight", "ln.bias", "downsamp.bias", "classifier.bias",
@@ -68,12 +81,18 @@ def test_exempt_parameters_really_get_no_decay() -> None:
 
 def test_real_model_exempts_all_norm_and_bias_tensors() -> None:
     model = tiny_model()
-    decay, no_decay = split_decay_groups(model)
-    norm_params = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)}
-    bias_params = {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
-    assert {id(p) for p in no_decay} == norm_params | bias_params
+    decay, no_decay = decay_groups(model)
+    assert {id(p) for p in no_decay} == by_module_type(model)
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
     assert all(p.dim() > 1 for p in decay)  # conv and linear weights only
+
+
+@pytest.mark.slow  # builds all 12 full-size variants
+@pytest.mark.parametrize("name", sorted(hrnet_cls.VARIANTS))
+def test_timm_grouping_equals_the_module_type_rule_on_every_variant(name: str) -> None:
+    model = timm.create_model(name)
+    _, no_decay = decay_groups(model)
+    assert {id(p) for p in no_decay} == by_module_type(model)
 
 
 def schedule(decay=(30, 60, 90), warmup=0, epochs=100) -> ScheduleConfig:
@@ -83,12 +102,12 @@ def schedule(decay=(30, 60, 90), warmup=0, epochs=100) -> ScheduleConfig:
 def test_step_boundaries_are_at_the_milestone_not_before() -> None:
     opt = build_optimizer(nn.Linear(2, 2), SGD)
     sched = build_scheduler(opt, schedule(), steps_per_epoch=100)
-    assert sched.lr_at(0.0) == 0.1
-    assert sched.lr_at(29.0) == 0.1 and sched.lr_at(29.999) == 0.1
-    assert sched.lr_at(30.0) == pytest.approx(0.01, rel=1e-12)
-    assert sched.lr_at(59.99) == pytest.approx(0.01, rel=1e-12)
-    assert sched.lr_at(60.0) == pytest.approx(0.001, rel=1e-12)
-    assert sched.lr_at(90.0) == pytest.approx(1e-4, rel=1e-12)
+    assert sched.factor_at(0.0) == 1.0
+    assert sched.factor_at(29.0) == 1.0 and sched.factor_at(29.999) == 1.0
+    assert sched.factor_at(30.0) == pytest.approx(0.1, rel=1e-12)
+    assert sched.factor_at(59.99) == pytest.approx(0.1, rel=1e-12)
+    assert sched.factor_at(60.0) == pytest.approx(0.01, rel=1e-12)
+    assert sched.factor_at(90.0) == pytest.approx(1e-3, rel=1e-12)
     # per step: the last step of epoch 29 and the first of epoch 30
     assert sched.step(30 * 100 - 1) == 0.1
     assert sched.step(30 * 100) == pytest.approx(0.01, rel=1e-12)
@@ -126,8 +145,3 @@ def test_resume_needs_only_the_global_step() -> None:
     sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4), steps_per_epoch=7)
     opt2.load_state_dict(state)
     assert [sched2.step(s) for s in range(15, 28)] == uninterrupted[15:]
-
-
-def test_linear_scaling_rule() -> None:
-    assert linear_scaled_lr(256) == 0.1
-    assert linear_scaled_lr(4 * 32) == 0.05  # the authors' repo

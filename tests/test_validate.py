@@ -6,11 +6,9 @@ hrnet_cls.data); distributed runs use 2 real gloo processes under torchrun.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import tarfile
@@ -24,7 +22,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
-import hrnet_cls  # noqa: F401  (registers hrnet_tiny_c)
+from conftest import DIGITS, DIGITS_VAL as VAL, DIGITS_VAL_SAMPLES as VAL_SAMPLES, REPO, load_script, subprocess_env, tiny_model
 from hrnet_cls.checkpoint import build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
@@ -39,31 +37,11 @@ from hrnet_cls.validation import (
     run_sweep,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-DIGITS = REPO / "shards" / "digits"
-VAL = str(DIGITS / "val-{000000..000001}.tar")
-VAL_SAMPLES = 360  # _info.json, split "val"
 SIZES, CROPS = ["32", "64"], ["0.875", "1.0"]  # sweep axes; hrnet needs multiples of 32 px
 
 
-def _load_script():
-    """validate.py is a script at the repository root, not a module of the package."""
-    spec = importlib.util.spec_from_file_location("validate_script", REPO / "validate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-validate = _load_script()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two threads spin-wait on each other (5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+validate = load_script("validate.py")
+pytestmark = pytest.mark.usefixtures("one_thread")  # on a busy 2-core machine two threads spin-wait: 5x slower
 
 
 def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | None = None,
@@ -78,8 +56,7 @@ def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | N
 
 
 def tiny(seed: int, num_classes: int = 10) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("hrnet_tiny_c", num_classes=num_classes)
+    return tiny_model(num_classes, seed)
 
 
 @pytest.fixture(scope="module")
@@ -345,9 +322,7 @@ def test_two_processes_equal_one_and_agree_on_rows_that_fail_on_one_rank(trained
     out = tmp_path / "two.json"
     argv = ["--checkpoint", "ckpt/flaky_read.pth", "ckpt/good.pth", "ckpt/flaky_load.pth", "--img-size", *SIZES,
             "--data", VAL, "--workers", "2", "--batch-size", "50", "--results-file", str(out)]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",  # gloo on CPU, one thread per process
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env = subprocess_env(tmp_path, OMP_NUM_THREADS="1")  # gloo on CPU, one thread per process
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            str(tmp_path / "wrapper.py"), str(tmp_path), str(REPO / "validate.py"), *argv],
                           env=env, capture_output=True, text=True, timeout=240)

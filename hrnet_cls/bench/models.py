@@ -14,7 +14,6 @@ import logging
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Optional
 
@@ -24,9 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hrnet_cls  # noqa: F401  (registers the models)
+from hrnet_cls.precision import Precision
+from hrnet_cls.timing import synchronize
 
 _logger = logging.getLogger(__name__)
-DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:
@@ -38,7 +38,7 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--threads', type=int, default=2, help='torch intra-op threads (CPU)')
     p.add_argument('--device', default='cpu')
-    p.add_argument('--precision', choices=sorted(DTYPES), default='fp32', help='autocast dtype (fp32 = off)')
+    p.add_argument('--precision', choices=('bf16', 'fp16', 'fp32'), default='fp32', help='autocast dtype (fp32 = off)')
     p.add_argument('--channels-last', action='store_true')
     p.add_argument('--compile', action='store_true', help='torch.compile both models')
     p.add_argument('--grad-ckpt', action='store_true', help='also time ours with gradient checkpointing')
@@ -56,8 +56,7 @@ class Runner:
         self.model = model.to(self.device, memory_format=fmt).train()
         self.step_fn: Callable[..., Any] = torch.compile(self._step) if args.compile else self._step
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-        self.autocast = (torch.autocast(self.device.type, dtype=DTYPES[args.precision])
-                         if args.precision != 'fp32' else nullcontext())
+        self.autocast = Precision.of(args.precision, self.device).autocast()
         self.times: List[float] = []
 
     def _step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -67,19 +66,14 @@ class Runner:
         return loss
 
     def step(self, x: torch.Tensor, y: torch.Tensor, timed: bool) -> None:
-        _sync(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
         self.step_fn(x, y)
         self.opt.step()
-        _sync(self.device)
+        synchronize(self.device)
         if timed:
             self.times.append(time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
 def peak_memory_bytes(runner: Runner, x: torch.Tensor, y: torch.Tensor) -> int:

@@ -35,17 +35,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
-from hrnet_cls.config import Config, OptimConfig, ScheduleConfig
+from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
-from hrnet_cls.ema import NoEma
-from hrnet_cls.engine import TrainParts, train_one_epoch
-from hrnet_cls.optim import build_optimizer, build_scheduler
+from hrnet_cls.distributed import DistInfo
+from hrnet_cls.engine import TrainParts, build_parts, train_one_epoch
+from hrnet_cls.precision import Precision
+from hrnet_cls.timing import synchronize
 from hrnet_cls.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "shards" / "digits" / "train-{000000..000007}.tar")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HOST_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
 
 
@@ -85,17 +85,12 @@ def make_model(name: str, num_classes: int, img_size: int, channels_last: bool =
 def make_parts(model: nn.Module, steps_per_epoch: int, log_interval: int, device: str = "cpu",
                precision: str = "fp32", channels_last: bool = False) -> TrainParts:
     """TrainParts as train.py builds them (one process, no EMA, no mid-epoch saves)."""
+    cfg = Config()
+    cfg.optim.lr, cfg.schedule.decay_epochs, cfg.schedule.epochs = 0.01, [], 1
+    cfg.train.log_interval, cfg.train.channels_last, cfg.checkpoint.save_interval = log_interval, channels_last, 0
     device = torch.device(device)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt)
-    optimizer = build_optimizer(model, OptimConfig(lr=0.01))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    return TrainParts(
-        model=model, net=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, ScheduleConfig(epochs=1, decay_epochs=[]), steps_per_epoch),
-        scaler=scaler, autocast=torch.autocast(device.type, dtype=DTYPES[precision], enabled=precision != "fp32"),
-        ema=NoEma(), device=device, memory_format=fmt, world_size=1, epochs=1,
-        halt_on_nonfinite=not scaler.is_enabled(), log_interval=log_interval, save_interval=0)
+    net = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return build_parts(cfg, DistInfo(0, 0, 1, device, True), net, Precision.of(precision, device), steps_per_epoch)
 
 
 def bare_pass(parts: TrainParts, batches: Batches) -> float:
@@ -110,20 +105,15 @@ def bare_pass(parts: TrainParts, batches: Batches) -> float:
         parts.scaler.scale(loss).backward()
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
-    _sync(parts.device)
+    synchronize(parts.device)
     return (time.perf_counter() - start) / len(batches)
 
 
 def engine_pass(parts: TrainParts, batches: Batches, tracker: Tracker) -> float:
     start = time.perf_counter()
     train_one_epoch(parts, batches, epoch=0, global_step=0, tracker=tracker, save=lambda *a: None)
-    _sync(parts.device)  # the epoch summary already read the device; this is for symmetry
+    synchronize(parts.device)  # the epoch summary already read the device; this is for symmetry
     return (time.perf_counter() - start) / len(batches)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def overhead(name: str, args: argparse.Namespace, tracker: Tracker) -> dict[str, Any]:
@@ -192,7 +182,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="timed passes of each loop (median reported)")
     p.add_argument("--log-interval", type=int, default=10, help="steps between log lines in the engine")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32 = off)")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default="fp32", help="autocast dtype (fp32 = off)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     p.add_argument("--shards", default=DIGITS, help="training shards for the end-to-end pass")

@@ -1,4 +1,4 @@
-"""Input pipelines over webdataset shards (SPEC sections 5 and 6).
+"""Input pipelines over webdataset shards (docs/design.md sections 4 and 5).
 
 Training (``build_train_loader``) is a pure function of (shards, seed, epoch, rank, world
 size, workers): every rank yields the same number of batches, batch ``k`` is the same
@@ -23,22 +23,19 @@ order, into contiguous stretches across all (rank, worker) slots: every readable
 seen exactly once; ranks may yield different numbers of batches.
 
 Batches are ``(images, targets, skipped)``: float32 (B, 3, S, S) normalised, int64 (B,), and
-the number of bad samples this worker skipped since its previous batch. For accuracy, sum
-``accuracy_counts`` per batch and ``all_reduce_counts`` once: 2 processes give exactly the
-1-process numbers.
+the number of bad samples this worker skipped since its previous batch; hrnet_cls.evaluation
+turns them into exact counts.
 
 Modules: ``sources`` (shard lists, _info.json, reading and checking samples), ``transforms``
-(decode + crop + normalise one image), ``loaders`` (the plans above), ``metrics``.
+(decode + crop + normalise one image), ``loaders`` (the plans above).
 """
 from __future__ import annotations
 
 from hrnet_cls.data.loaders import TrainLoader, ValLoader, build_train_loader, build_val_loader
-from hrnet_cls.data.metrics import accuracy_counts, all_reduce_counts
 from hrnet_cls.data.sources import expand_urls, read_info, shard_lengths
 from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 __all__ = [
-    "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "TrainLoader", "ValLoader", "accuracy_counts",
-    "all_reduce_counts", "build_train_loader", "build_val_loader", "expand_urls", "read_info",
-    "shard_lengths",
+    "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "TrainLoader", "ValLoader", "build_train_loader",
+    "build_val_loader", "expand_urls", "read_info", "shard_lengths",
 ]

@@ -196,11 +196,6 @@ class TrainLoader:
     def batches_per_epoch(self) -> int:
         return self.plan.batches
 
-    @property
-    def num_samples(self) -> int:
-        """Samples in the training shards (per _info.json or counted)."""
-        return sum(self.plan.lengths)
-
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         _check_start(start_batch, self.plan.batches)
         self.plan = dataclasses.replace(self.plan, epoch=epoch, start_batch=start_batch)
@@ -352,11 +347,6 @@ class ValLoader:
 
     def __init__(self, plan: ValPlan, workers: int, pin_memory: bool = False) -> None:
         self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
-
-    @property
-    def num_samples(self) -> int:
-        """Samples this rank reads."""
-        return sum(hi - lo for lo, hi in map(self.plan.slot_range, range(self.plan.slots)))
 
     def __len__(self) -> int:
         """Batches this rank yields when no sample is bad."""

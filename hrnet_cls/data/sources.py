@@ -1,6 +1,6 @@
 """Reading webdataset shards: shard lists, the _info.json index, and the samples of one
-stretch of a shard, with every webdataset stage under its own error handler (SPEC section 5:
-a truncated tar yields a partial sample that would break a later stage).
+stretch of a shard, with every webdataset stage under its own error handler (a truncated
+tar yields a partial sample that would break a later stage; docs/design.md section 4).
 
 Unusable samples (no image, missing / non-integer / out-of-range label, lost to a truncated
 tar or a missing shard) are skipped, counted, and reported through rate-limited warnings.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-import braceexpand
 from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 logger = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def _is_remote(url: str) -> bool:
 
 
 def _expand_pattern(pattern: str) -> list[str]:
-    names = list(braceexpand.braceexpand(pattern))
+    names = wds_expand_urls(pattern)  # braces and WDS_ environment variables, as webdataset reads them
     if _is_remote(pattern):
         return names  # pipe: commands and URLs are opened by webdataset's gopen
     paths: list[str] = []
@@ -90,7 +90,8 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     """Shard list from brace patterns (``train-{000000..000007}.tar``), globs, plain paths,
     ``pipe:`` commands and URLs; a string may join several with ``::``.
 
-    Raises FileNotFoundError naming a local pattern that matches no file. Paths named by a
+    webdataset's own expansion does the braces; this adds what it lacks for local files:
+    globs, and a FileNotFoundError naming a pattern that matches no file. Paths named by a
     pattern that matches some files but not all are kept (and skipped when read).
     """
     patterns = urls.split("::") if isinstance(urls, str) else [os.fspath(u) for u in urls]
@@ -107,7 +108,7 @@ def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
     if isinstance(urls_or_dir, str):
         first = expand_urls(urls_or_dir)[0]
     else:  # already a list: its first entry's folder is enough (no globbing again)
-        first = next(iter(braceexpand.braceexpand(os.fspath(urls_or_dir[0]))))
+        first = wds_expand_urls(os.fspath(urls_or_dir[0]))[0]
     if first.startswith("pipe:"):
         return None
     if _is_remote(first):
@@ -115,19 +116,27 @@ def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
     return os.path.join(os.path.dirname(first), INFO_NAME)
 
 
-def _load_info(where: str | None) -> dict | None:
-    if where is None or not (_is_remote(where) or os.path.isfile(where)):
+def load_info_file(where: str) -> dict | None:
+    """The _info.json object at a path or URL; None when there is none; ValueError naming
+    the file when it is unreadable or not a JSON object."""
+    if not (_is_remote(where) or os.path.isfile(where)):
         return None
     try:
         with gopen(where) as f:
             info = json.load(f)
-    except Exception as exc:  # noqa: BLE001 - an unreadable index only costs a recount
-        logger.warning("cannot read %s (%r); counting samples in the shards instead", where, exc)
-        return None
+    except Exception as exc:  # noqa: BLE001 - JSON, OS and transport errors all mean "unreadable"
+        raise ValueError(f"{where}: unreadable ({exc})") from None
     if not isinstance(info, dict):
-        logger.warning("%s is not a JSON object; ignored", where)
-        return None
+        raise ValueError(f"{where}: not a JSON object")
     return info
+
+
+def _load_info(where: str | None) -> dict | None:
+    try:
+        return None if where is None else load_info_file(where)
+    except ValueError as exc:  # an unreadable index only costs a recount
+        logger.warning("%s; counting samples in the shards instead", exc)
+        return None
 
 
 def read_info(urls_or_dir: str | Sequence[str]) -> dict | None:

@@ -2,7 +2,7 @@
 
 Train: RandomResizedCrop (area fraction in ``scale``, aspect ratio w/h log-uniform in
 ``ratio``) + horizontal flip. Eval: resize the shorter side to ``resize``, centre-crop
-``size``. Both follow the torchvision definitions (SPEC section 4).
+``size``. Both follow the torchvision definitions (the recipe in docs/design.md section 3).
 
 Speed, per image (decode dominates):
 - the crop box is chosen from the header size before decoding, then a JPEG is decoded at

@@ -1,0 +1,147 @@
+"""Exact evaluation of several models on one stream of decoded batches.
+
+Train-time validation (the model and its EMA) and validate.py's passes (every model of
+one preprocessing group) both come here: each batch is decoded once, moved to the device
+once and fed to every model in turn. Counts are integers summed over batches and reduced
+over processes once per stream, never averaged, so N processes give exactly the
+1-process numbers (the val loader reads every sample once, without padding).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hrnet_cls.distributed import all_reduce_sum
+from hrnet_cls.precision import Precision
+from hrnet_cls.timing import Stopwatch
+
+
+def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
+    """int64 [correct in top-k for each k, number of samples], on the logits' device.
+
+    logits: (N, C); targets: (N,). k above C counts as C (every sample is then correct).
+    """
+    maxk = min(max(topk), logits.shape[1])
+    hits = logits.topk(maxk, dim=1).indices.eq(targets.view(-1, 1))  # (N, maxk)
+    counts = [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
+    counts.append(torch.tensor(targets.shape[0], device=logits.device))
+    return torch.stack(counts).to(torch.int64)
+
+
+@dataclass
+class Tally:
+    """One process's sums for the models of one stream (before the reduction)."""
+
+    counts: torch.Tensor  # int64 (models, 3): top-1 hits, top-5 hits, samples
+    loss_sum: torch.Tensor  # float64 (models,): summed cross-entropy
+    seconds: list[float]  # forward time per model (0 unless timed)
+    errors: list[str]  # per model; "" = fine
+    decoded: int = 0  # samples fed
+    skipped: int = 0  # bad samples the loader reported
+
+
+@dataclass
+class Totals:
+    """Sums over every process."""
+
+    counts: list[list[int]]  # per model: [top-1 hits, top-5 hits, samples]
+    loss_sum: list[float]  # per model
+    decoded: int
+    skipped: int
+    metrics: list[dict[str, float]] = field(default_factory=list)  # per model: top1, top5 (%), loss, samples
+
+
+def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device, precision: Precision,
+         memory_format: torch.memory_format = torch.contiguous_format, timed: bool = False,
+         catch: bool = False) -> Tally:
+    """Run every batch ``(images (B,3,S,S), targets (B,), skipped)`` through every model.
+
+    timed: synchronise after each forward and add its seconds to the model's (costs the
+    overlap of host and device work; validate.py reports images/s per model).
+    catch: a model that raises stops there with its error kept while the others go on; an
+    error of the loader itself fails every model. Without catch, errors propagate.
+    """
+    tally = Tally(torch.zeros(len(models), 3, dtype=torch.int64, device=device),
+                  torch.zeros(len(models), dtype=torch.float64, device=device),
+                  [0.0] * len(models), [""] * len(models))
+    try:
+        for images, targets, bad in batches:
+            tally.skipped += int(bad)
+            tally.decoded += len(targets)
+            if len(targets):  # an empty batch only reports bad samples
+                _forward_all(models, images, targets, tally, device, precision, memory_format, timed, catch)
+    except Exception as exc:  # noqa: BLE001 - the loader failed: every model of the stream fails
+        if not catch:
+            raise
+        tally.errors = [e or f"reading the shards failed: {one_line(exc)}" for e in tally.errors]
+    return tally
+
+
+def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: torch.Tensor, tally: Tally,
+                 device: torch.device, precision: Precision, memory_format: torch.memory_format,
+                 timed: bool, catch: bool) -> None:
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+    targets = targets.to(device, non_blocking=True)
+    for i, model in enumerate(models):
+        if tally.errors[i]:
+            continue
+        watch = Stopwatch(device if timed else "cpu")
+        try:
+            with watch, torch.inference_mode(), precision.autocast():
+                logits = model(images).float()  # (B, num_classes)
+                tally.loss_sum[i] += F.cross_entropy(logits, targets, reduction="sum")
+                tally.counts[i] += accuracy_counts(logits, targets)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this size: this model only
+            if not catch:
+                raise
+            tally.errors[i] = f"forward failed: {one_line(exc)}"
+        tally.seconds[i] += watch.seconds if timed else 0.0
+
+
+def reduce(tally: Tally) -> Totals:
+    """Sum a tally over processes: one all_reduce for the integer counts, one for the losses."""
+    n = tally.counts.shape[0]
+    extra = torch.tensor([tally.decoded, tally.skipped], dtype=torch.int64, device=tally.counts.device)
+    ints = all_reduce_sum(torch.cat([tally.counts.flatten(), extra])).tolist()
+    losses = all_reduce_sum(tally.loss_sum.clone()).tolist()
+    counts = [ints[3 * i:3 * i + 3] for i in range(n)]
+    metrics = []
+    for (top1, top5, samples), loss in zip(counts, losses):
+        d = max(samples, 1)
+        metrics.append({"top1": 100.0 * top1 / d, "top5": 100.0 * top5 / d, "loss": loss / d, "samples": samples})
+    return Totals(counts, losses, ints[-2], ints[-1], metrics)
+
+
+def evaluate(models: dict[str, nn.Module], batches: Iterable, *, device: torch.device, precision: Precision,
+             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+    """``{name}_{top1,top5,loss,samples,skipped}`` for each named model, one decode of the data.
+
+    Pass bare models (not DDP), each in the mode it should end in; they are evaluated in
+    eval mode and restored. The loss is plain cross-entropy (no label smoothing).
+    """
+    names, nets = list(models), list(models.values())
+    modes = [net.training for net in nets]
+    for net in nets:
+        net.eval()
+    try:
+        totals = reduce(feed(nets, batches, device=device, precision=precision, memory_format=memory_format))
+    finally:
+        for net, mode in zip(nets, modes):
+            net.train(mode)
+    out: dict[str, float] = {}
+    for name, metrics in zip(names, totals.metrics):
+        out |= {f"{name}_{k}": v for k, v in metrics.items()} | {f"{name}_skipped": totals.skipped}
+    return out
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line; ValueErrors and missing files already say what is wrong."""
+    text = " ".join(str(exc).split()) or "(no message)"
+    if len(text) > 160 and ". " in text:
+        text = text.split(". ")[0]  # e.g. torch.load's four-sentence message for a truncated zip
+    text = text if len(text) <= 300 else text[:297] + "..."
+    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"

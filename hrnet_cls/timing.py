@@ -1,0 +1,28 @@
+"""Wall-clock timing of device work: CUDA runs asynchronously, so time the work, not its launch."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Stopwatch:
+    """Accumulated seconds of the ``with`` blocks run under it, the device synchronised at the end."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device, self.seconds = torch.device(device), 0.0
+
+    def __enter__(self) -> Stopwatch:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start

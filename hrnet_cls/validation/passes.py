@@ -1,0 +1,187 @@
+"""Running a sweep: rows grouped by preprocessing, one loader pass per group.
+
+Memory trade-off of a pass: all its models are resident on the device together (their
+weights: 4 bytes per parameter in fp32, e.g. 85 MB for hrnet_w18_c, 512 MB for
+hrnet_w64_c); activations are those of one model at a time, because the models run one
+after another on each batch. ``max_models_per_pass=N`` cuts a group into passes of at most
+N models (1 = one pass per row, every sample then decoded once per row).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import timm
+import torch
+from torch import nn
+
+from hrnet_cls.data import build_val_loader, read_info, shard_lengths
+from hrnet_cls.distributed import DistInfo, all_gather_object
+from hrnet_cls.evaluation import Tally, feed, one_line, reduce
+from hrnet_cls.flops import count_macs
+from hrnet_cls.precision import Precision
+from hrnet_cls.validation.specs import PRETRAINED, ModelSpec, Preprocess, Row, merge_errors
+from hrnet_cls.weights import load_strict, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How to run the passes (the same on every rank)."""
+
+    shards: tuple[str, ...]  # expanded list of val shards
+    expected_samples: int  # samples they hold, from expected_samples()
+    expected_source: str = ""  # where that number comes from, for messages
+    batch_size: int = 256  # images per rank per forward
+    workers: int = 4  # DataLoader workers per rank (0 = decode in the main process)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: Precision = field(default_factory=lambda: Precision("fp32", "cpu"))
+    channels_last: bool = False
+    use_ema: bool = False
+    max_models_per_pass: int = 0  # 0 = every model of a preprocessing group in one pass
+
+
+@dataclass(frozen=True)
+class PassStats:
+    """What one pass did: its batches were decoded once and fed to ``models`` models."""
+
+    preprocess: Preprocess
+    models: int  # models that ran on the batches
+    decoded: int  # samples decoded and fed, all ranks together (each once)
+    skipped: int  # bad samples met, all ranks together
+    seconds: float  # wall time of the pass on this rank, model loading included
+
+
+def expected_samples(shards: Sequence[str]) -> tuple[int, str]:
+    """(samples the shards should hold, where the number comes from): the split's
+    num_samples in _info.json when the shards are that whole split, the listed lengths of
+    these shards when they are part of one, else the count read from the tar headers."""
+    names = sorted(os.path.basename(url) for url in shards)
+    for split in (read_info(list(shards)) or {}).get("splits", {}).values():
+        listed = dict(zip(split.get("filenames", ()), split.get("shard_lengths", ())))
+        if names and all(n in listed for n in names):
+            where = f"_info.json split {split.get('name', '?')!r}"
+            if names == sorted(listed) and "num_samples" in split:
+                return int(split["num_samples"]), where
+            return sum(int(listed[n]) for n in names), f"{where}, {len(names)} of its {len(listed)} shards"
+    return sum(shard_lengths(list(shards))), "counted in the tar headers (no _info.json lists these shards)"
+
+
+def plan_passes(rows: Sequence[Row], max_models_per_pass: int = 0) -> list[list[Row]]:
+    """Rows still to run, grouped by preprocessing (first-seen order), each group cut into
+    passes of at most max_models_per_pass models (0 = no limit)."""
+    groups: dict[Preprocess, list[Row]] = {}
+    for row in rows:
+        if not row.error:
+            groups.setdefault(row.preprocess, []).append(row)
+    n = max_models_per_pass if max_models_per_pass > 0 else max(1, len(rows))
+    return [group[i:i + n] for group in groups.values() for i in range(0, len(group), n)]
+
+
+def build_model(spec: ModelSpec, use_ema: bool = False) -> nn.Module:
+    """The spec's model with its weights, on the CPU, in eval mode."""
+    if spec.source == PRETRAINED:
+        return timm.create_model(spec.model, pretrained=True, num_classes=spec.num_classes).eval()
+    model = timm.create_model(spec.model, num_classes=spec.num_classes)
+    load_strict(model, read_state_dict(spec.path, use_ema), spec.model)
+    return model.eval()
+
+
+def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, int]) -> list[nn.Module | None]:
+    """Each row's model on the device (None where it failed: the row's error says why).
+
+    MACs depend on the architecture and input size only, so they are counted once per
+    (model, classes, img_size) in the sweep.
+    """
+    models: list[nn.Module | None] = []
+    for row in rows:
+        try:
+            model = build_model(row.spec, settings.use_ema)
+            key = (row.spec.model, row.spec.num_classes, row.img_size)
+            if key not in macs:  # a forward at img_size on the CPU: an unusable size fails here
+                macs[key] = count_macs(model, (3, row.img_size, row.img_size))
+            row.params, row.gmacs = sum(p.numel() for p in model.parameters()), macs[key] / 2**30
+            model = model.to(settings.device, memory_format=torch.channels_last if settings.channels_last
+                             else torch.preserve_format)
+            models.append(model)
+        except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
+            row.error = row.spec.failed(one_line(exc)).error
+            models.append(None)
+    return models
+
+
+def _finish(rows: Sequence[Row], tally: Tally, settings: SweepSettings) -> tuple[int, int]:
+    """Sum the tallies over ranks, agree on failures, fill the rows; (decoded, skipped) of all ranks."""
+    totals = reduce(tally)
+    views = all_gather_object((tally.errors, tally.seconds))
+    errors = merge_errors([v[0] for v in views])
+    for i, row in enumerate(rows):
+        if errors[i]:  # partial counts would read like a result: leave the numbers empty
+            row.error = row.spec.failed(errors[i]).error
+            continue
+        top1, top5, n = totals.counts[i]
+        seconds = max(v[1][i] for v in views)  # ranks run side by side: the slowest one sets the pace
+        row.samples, row.skipped, row.expected_samples = n, totals.skipped, settings.expected_samples
+        row.top1, row.top5 = (100.0 * top1 / n, 100.0 * top5 / n) if n else (None, None)
+        row.images_per_s = n / seconds if n and seconds > 0 else None
+        if n + totals.skipped != settings.expected_samples:
+            row.error = row.spec.failed(f"{n} samples validated + {totals.skipped} bad = {n + totals.skipped}, but "
+                                        f"{settings.expected_samples} expected ({settings.expected_source})").error
+        elif n == 0:
+            row.error = row.spec.failed("no sample of the shards could be decoded").error
+    return totals.decoded, totals.skipped
+
+
+class _LazyLoader:
+    """The val loader of one pass, built when iterated: a failure to build it (an
+    interpolation the loader lacks, say) is then met inside feed(), like a read error."""
+
+    def __init__(self, settings: SweepSettings, prep: Preprocess, dist_info: DistInfo) -> None:
+        self.settings, self.prep, self.dist_info = settings, prep, dist_info
+
+    def __iter__(self) -> Iterable:
+        s, p = self.settings, self.prep
+        return iter(build_val_loader(
+            list(s.shards), batch_size=s.batch_size, img_size=p.img_size, crop_pct=p.crop_pct,
+            rank=self.dist_info.rank, world_size=self.dist_info.world_size, workers=s.workers, mean=p.mean,
+            std=p.std, interpolation=p.interpolation, pin_memory=s.device.type == "cuda"))
+
+
+def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
+             macs: dict[tuple, int] | None = None) -> PassStats:
+    """Validate rows that share one Preprocess with one loader; fills the rows in place."""
+    start, prep = time.perf_counter(), rows[0].preprocess
+    models = _load_pass(rows, settings, {} if macs is None else macs)
+    # agree before the loader starts: a row that failed to load on any rank is dropped everywhere
+    errors = merge_errors(all_gather_object([row.error for row in rows]))
+    for row, error in zip(rows, errors):
+        row.error = error
+    live = [(row, model) for row, model in zip(rows, models) if not row.error and model is not None]
+    batches = _LazyLoader(settings, prep, dist_info) if live else []
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    tally = feed([model for _, model in live], batches, device=settings.device, precision=settings.precision,
+                 memory_format=memory_format, timed=True, catch=True)
+    decoded, skipped = _finish([row for row, _ in live], tally, settings)
+    return PassStats(prep, len(live), decoded, skipped, time.perf_counter() - start)
+
+
+def run_sweep(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo) -> list[PassStats]:
+    """Validate every row that has not failed yet; one PassStats per loader pass."""
+    passes, macs, stats = plan_passes(rows, settings.max_models_per_pass), {}, []
+    for i, group in enumerate(passes):
+        p = group[0].preprocess
+        logger.info("pass %d/%d: img_size %d, crop_pct %g, %s: %d model(s)", i + 1, len(passes), p.img_size,
+                    p.crop_pct, p.interpolation, len(group))
+        stats.append(run_pass(group, settings, dist_info, macs))
+        done = stats[-1]
+        if not done.models:
+            logger.info("pass %d/%d: no model of this pass could be loaded; the data was not read", i + 1, len(passes))
+            continue
+        logger.info("pass %d/%d: %d samples validated + %d bad = %d; %d expected (%s); %.1f s", i + 1, len(passes),
+                    done.decoded, done.skipped, done.decoded + done.skipped, settings.expected_samples,
+                    settings.expected_source, done.seconds)
+    return stats

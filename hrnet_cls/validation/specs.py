@@ -1,0 +1,229 @@
+"""What to validate: the weights named on the command line, described, and the rows they make."""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.models import PretrainedCfg, get_pretrained_cfg
+
+from hrnet_cls.config import check_model_name
+from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from hrnet_cls.distributed import all_gather_object
+from hrnet_cls.evaluation import one_line
+from hrnet_cls.weights import pick_state_dict, read_file, read_state_dict
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT, WEIGHTS, PRETRAINED = "checkpoint", "weights", "pretrained"  # where a spec's weights come from
+
+
+class SweepError(RuntimeError):
+    """The sweep as a whole cannot run (e.g. ranks found different checkpoint lists)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One set of weights to validate, with the preprocessing it defaults to."""
+
+    source: str  # CHECKPOINT | WEIGHTS | PRETRAINED
+    path: str = ""  # checkpoint or weights file as named on the command line ("" for pretrained)
+    model: str = ""  # timm name; a checkpoint's is read from the file by describe()
+    num_classes: int = 0  # classifier outputs; 0 until described
+    img_size: int = 0  # default evaluation crop side, pixels; 0 until described
+    crop_pct: float = 0.0  # default centre-crop fraction; 0 until described
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    error: str = ""  # why this spec cannot be validated ("" = fine so far)
+
+    @property
+    def label(self) -> str:
+        """The 'checkpoint' column: the file validated, or 'pretrained'."""
+        return self.path or PRETRAINED
+
+    def failed(self, problem: str) -> ModelSpec:
+        """A copy carrying ``problem`` as a one-line error that names the file (or model) once."""
+        where = {CHECKPOINT: self.path, WEIGHTS: f"{self.path} ({self.model})"}.get(
+            self.source, f"{self.model} (pretrained)")
+        problem = problem.removeprefix(f"{self.path}: ") if self.path else problem  # errors that name it already
+        return dataclasses.replace(self, error=f"{where}: {problem}")
+
+
+def checkpoint_specs(args: Sequence[str]) -> list[ModelSpec]:
+    """--checkpoint arguments: files, glob patterns (sorted), directories (every *.pth, sorted).
+
+    A pattern or directory that finds nothing, like a missing file, becomes a failed spec.
+    """
+    specs = []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = sorted(glob.glob(os.path.join(glob.escape(arg), "*.pth")))
+            nothing = "no *.pth file in this directory"
+        elif glob.has_magic(arg):
+            found, nothing = sorted(glob.glob(arg)), "no file matches this pattern"
+        else:
+            found, nothing = [arg], ""
+        specs += [ModelSpec(CHECKPOINT, path) for path in found] or [ModelSpec(CHECKPOINT, arg).failed(nothing)]
+    return specs
+
+
+def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
+    """--model arguments: timm names (with or without a pretrained tag) or patterns
+    (``hrnet_w18*_c``); each model loads ``weights`` when given, else timm's pretrained weights."""
+    source = WEIGHTS if weights else PRETRAINED
+    specs = []
+    for pattern in patterns:
+        names = timm.list_models(pattern) if glob.has_magic(pattern) else [pattern]
+        specs += [ModelSpec(source, weights, model=name) for name in names]
+        if not names:
+            specs.append(ModelSpec(source, weights, model=pattern).failed("no timm model matches this pattern"))
+    return specs
+
+
+# ---------------------------------------------------------------- describing specs
+
+
+def _pretrained_defaults(name: str) -> PretrainedCfg:
+    """timm's PretrainedCfg for the name (its default tag), or the generic one."""
+    return get_pretrained_cfg(name) or PretrainedCfg()
+
+
+def _classes_in(weights: Mapping[str, torch.Tensor], classifier: Any) -> int:
+    """Rows of the classifier weight in a state dict (0 when it is not found)."""
+    name = classifier if isinstance(classifier, str) else (classifier or [""])[0]
+    weight = weights.get(f"{name}.weight")
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else 0
+
+
+def _describe_checkpoint(spec: ModelSpec, use_ema: bool, num_classes: int | None) -> ModelSpec:
+    ckpt = read_file(spec.path)
+    weights = pick_state_dict(ckpt, use_ema)
+    config = ckpt.get("config") or {}  # a mapping: pick_state_dict found weights in it
+    name = ckpt.get("model_name") or config.get("model", {}).get("name")
+    if not name:
+        raise ValueError("the checkpoint names no model (no 'model_name', no config model.name); "
+                         "for other weights use --model NAME --weights FILE")
+    check_model_name(name)
+    cfg, data = _pretrained_defaults(name), config.get("data", {})
+    classes = num_classes or config.get("model", {}).get("num_classes") or _classes_in(weights, cfg.classifier)
+    # interpolation, mean and std stay at the training pipeline's (bilinear, ImageNet)
+    return dataclasses.replace(spec, model=name, num_classes=int(classes or cfg.num_classes),
+                               img_size=int(data.get("img_size") or cfg.input_size[-1]),
+                               crop_pct=float(data.get("crop_pct") or cfg.crop_pct))
+
+
+def _describe_model(spec: ModelSpec, use_ema: bool, num_classes: int | None) -> ModelSpec:
+    check_model_name(spec.model)
+    cfg = _pretrained_defaults(spec.model)
+    classes = num_classes or cfg.num_classes
+    if spec.source == WEIGHTS:  # read now: a missing or unreadable file fails before any pass
+        classes = num_classes or _classes_in(read_state_dict(spec.path, use_ema), cfg.classifier) or classes
+    if cfg.crop_mode != "center":
+        logger.warning("%s: pretrained_cfg crop_mode=%r; validating with a centre crop", spec.model, cfg.crop_mode)
+    return dataclasses.replace(spec, num_classes=int(classes), img_size=int(cfg.input_size[-1]),
+                               crop_pct=float(cfg.crop_pct), interpolation=cfg.interpolation,
+                               mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None = None) -> ModelSpec:
+    """The spec with model name, classes and default preprocessing filled in, or its error.
+
+    num_classes overrides what the checkpoint / weights / pretrained_cfg say.
+    """
+    if spec.error:
+        return spec
+    try:
+        if spec.source == CHECKPOINT:
+            return _describe_checkpoint(spec, use_ema, num_classes)
+        return _describe_model(spec, use_ema, num_classes)
+    except Exception as exc:  # noqa: BLE001 - any unreadable input is this row's error, not the sweep's
+        return spec.failed(one_line(exc))
+
+
+def merge_errors(per_rank: list[list[str]]) -> list[str]:
+    """Each rank's error texts for the same rows -> one list: a row failed if it failed on
+    any rank; the text says on which ranks when not on all."""
+    merged = []
+    for texts in zip(*per_rank):
+        failed = [rank for rank, text in enumerate(texts) if text]
+        if not failed:
+            merged.append("")
+        elif len(failed) == len(texts):
+            merged.append(texts[0])
+        else:
+            merged.append(f"{texts[failed[0]]} (on rank {', '.join(map(str, failed))} only)")
+    return merged
+
+
+def describe_all(specs: Sequence[ModelSpec], *, use_ema: bool = False,
+                 num_classes: int | None = None) -> list[ModelSpec]:
+    """describe() every spec, then make all ranks agree: a spec that failed on any rank, or
+    that reads differently on two ranks (node-local files), fails on all of them."""
+    described = [describe(s, use_ema=use_ema, num_classes=num_classes) for s in specs]
+    views = all_gather_object(described)  # views[rank][i]: spec i as that rank read it
+    if any([s.label for s in view] != [s.label for s in described] for view in views):
+        counts = ", ".join(f"rank {r}: {len(view)}" for r, view in enumerate(views))
+        raise SweepError(f"the ranks found different lists of checkpoints/models to validate ({counts}); "
+                         "every rank must see the same files")
+    errors = merge_errors([[s.error for s in view] for view in views])
+    out = []
+    for i, spec in enumerate(described):
+        if not errors[i] and any(view[i] != views[0][i] for view in views):
+            errors[i] = f"{spec.label}: reads differently on different ranks (model, classes or defaults)"
+        out.append(dataclasses.replace(spec, error=errors[i]))
+    return out
+
+
+# ---------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that determines a decoded batch: rows sharing it share their batches."""
+
+    img_size: int  # centre-crop side, pixels
+    crop_pct: float  # the shorter side is resized to img_size / crop_pct first
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class Row:
+    """One (weights, img_size, crop_pct) and its results; the fields after crop_pct stay
+    None until validated (and after a failure)."""
+
+    spec: ModelSpec
+    img_size: int | None
+    crop_pct: float | None
+    top1: float | None = None  # percent
+    top5: float | None = None  # percent
+    samples: int | None = None  # samples validated, all ranks together
+    skipped: int | None = None  # bad samples (unreadable, undecodable, bad label) left out
+    expected_samples: int | None = None  # samples the shards hold per _info.json (or counted)
+    params: int | None = None
+    gmacs: float | None = None  # conv + linear multiply-adds per image at img_size / 2^30 (the paper's "GFLOPs")
+    images_per_s: float | None = None  # forward throughput of this model, decoding excluded
+    error: str = ""
+
+    @property
+    def preprocess(self) -> Preprocess:
+        s = self.spec
+        return Preprocess(int(self.img_size or 0), float(self.crop_pct or 0), s.interpolation, s.mean, s.std)
+
+
+def build_rows(specs: Sequence[ModelSpec], img_sizes: Sequence[int] = (), crop_pcts: Sequence[float] = ()) -> list[Row]:
+    """One row per spec x img_size x crop_pct; an empty list means each spec's default."""
+    rows = []
+    for spec in specs:
+        sizes = list(img_sizes) or [spec.img_size or None]
+        crops = list(crop_pcts) or [spec.crop_pct or None]
+        rows += [Row(spec, size, crop, error=spec.error) for size in sizes for crop in crops]
+    return rows
