@@ -1,0 +1,247 @@
+"""Writing shards: items cut into shards, each written under a temporary name and renamed when
+complete, and the split recorded in _info.json at the end."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import random
+import re
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from hrnet_cls.data.sources import INFO_NAME, load_info_file
+from hrnet_cls.shards.scan import Item, SourceError, collect_items
+
+logger = logging.getLogger("hrnet_cls.shards")
+
+# PIL format -> sample extension. MPO is the multi-picture JPEG some cameras write.
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+TAR_BLOCK = 512  # bytes; tar stores every header and data run in whole blocks
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to whole records
+
+
+@dataclass
+class WriteResult:
+    split: str
+    filenames: list[str]  # relative to OUT_DIR, in shard order
+    shard_lengths: list[int]
+    bad: list[tuple[str, str]]  # (source path, reason) of files left out
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.shard_lengths)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def _member_size(name: str, nbytes: int) -> int:
+    """Bytes one tar member takes: header, GNU long-name record if needed, padded data."""
+    def blocks(n: int) -> int:
+        return -(-n // TAR_BLOCK) * TAR_BLOCK
+
+    long_name = TAR_BLOCK + blocks(len(name) + 1) if len(name) >= 100 else 0
+    return TAR_BLOCK + long_name + blocks(nbytes)
+
+
+def _sample_size(item: Item, with_json: bool) -> int:
+    # The .cls and .json members are a few dozen bytes: one data block each.
+    size = _member_size(f"{item.key}.jpeg", item.nbytes) + _member_size(f"{item.key}.cls", 1)
+    return size + (_member_size(f"{item.key}.json", 1) if with_json else 0)
+
+
+def plan_shards(items: Sequence[Item], max_per_shard: int, max_shard_bytes: int,
+                with_json: bool = True) -> list[list[Item]]:
+    """Cut the (already shuffled) items into shards of at most max_per_shard samples and at
+    most max_shard_bytes bytes on disk; a single larger sample gets a shard of its own."""
+    groups: list[list[Item]] = []
+    current: list[Item] = []
+    size = 2 * TAR_BLOCK  # end-of-archive marker
+    for item in items:
+        grown = size + _sample_size(item, with_json)
+        padded = -(-grown // TAR_RECORD) * TAR_RECORD
+        if current and (len(current) >= max_per_shard or padded > max_shard_bytes):
+            groups.append(current)
+            current, grown = [], 2 * TAR_BLOCK + _sample_size(item, with_json)
+        current.append(item)
+        size = grown
+    if current:
+        groups.append(current)
+    return groups
+
+
+# ---------------------------------------------------------------- writing
+
+
+def image_extension(data: bytes) -> str:
+    """Sample extension for encoded image bytes; raises if they do not fully decode.
+
+    ``load`` decodes every pixel: a truncated JPEG opens (header only) and fails here.
+    """
+    with Image.open(io.BytesIO(data)) as img:
+        fmt = img.format
+        img.load()
+    if fmt not in FORMAT_EXT:
+        raise ValueError(f"unsupported image format {fmt} (JPEG, PNG or WebP expected)")
+    return FORMAT_EXT[fmt]
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    info.mtime = 0  # fixed, so a rerun with the same seed writes byte-identical shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_group(task: tuple[list[Item], str, bool]) -> tuple[int, list[tuple[str, str]]]:
+    """Write one shard to a temporary path; (samples written, [(path, reason)] left out)."""
+    items, tmp_path, with_json = task
+    written, bad = 0, []
+    with tarfile.open(tmp_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for item in items:
+            try:
+                with open(item.path, "rb") as f:
+                    data = f.read()
+                ext = image_extension(data)
+            except UnidentifiedImageError:
+                bad.append((item.path, "not an image format PIL recognises"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - any decode failure means "not an image"
+                bad.append((item.path, f"{type(exc).__name__}: {exc}"))
+                continue
+            _add_member(tar, f"{item.key}.{ext}", data)
+            _add_member(tar, f"{item.key}.cls", str(item.label).encode())
+            if with_json:
+                meta = {"filename": item.rel, "class": item.class_name}
+                _add_member(tar, f"{item.key}.json", json.dumps(meta).encode())
+            written += 1
+    return written, bad
+
+
+@contextlib.contextmanager
+def _ordered_map(workers: int) -> Iterator[Callable]:
+    """An ordered, lazy map running in ``workers`` processes (in-process for 1)."""
+    if workers <= 1:
+        yield map
+        return
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=1.0)
+
+
+def write_groups(groups: list[list[Item]], out_dir: Path, split: str, workers: int,
+                 progress: bool, with_json: bool = True) -> WriteResult:
+    """Write shards in parallel; each is renamed to its final, contiguous name once complete
+    (a shard whose every file failed to decode is dropped)."""
+    tasks = [(group, str(out_dir / f".{split}-{i:06d}.tar.partial"), with_json)
+             for i, group in enumerate(groups)]
+    result = WriteResult(split, [], [], [])
+    log_every = max(1, len(tasks) // 10)  # progress lines when there is no terminal for a bar
+    with _ordered_map(workers) as imap:
+        bar = _progress(sum(map(len, groups)), f"{split} shards", progress and sys.stderr.isatty())
+        for done, ((group, tmp, _), (count, bad)) in enumerate(zip(tasks, imap(_write_group, tasks)), 1):
+            for path, reason in bad:
+                logger.warning("skipped %s: %s", path, reason)
+            result.bad += bad
+            bar.update(len(group))
+            if count == 0:
+                os.remove(tmp)
+            else:
+                final = f"{split}-{len(result.filenames):06d}.tar"
+                os.replace(tmp, out_dir / final)
+                result.filenames.append(final)
+                result.shard_lengths.append(count)
+            if progress and bar.disable and (done % log_every == 0 or done == len(tasks)):
+                logger.info("%s: %d/%d shards written", split, done, len(tasks))
+        bar.close()
+    return result
+
+
+# ---------------------------------------------------------------- _info.json
+
+
+def load_info(path: Path) -> dict:
+    """The _info.json at ``path`` ({} when absent); an unreadable one stops the write."""
+    try:
+        return load_info_file(str(path)) or {}
+    except ValueError as exc:
+        raise SourceError(f"{exc}; fix or delete it") from None
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Readers see the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _forget_split(info_path: Path, split: str) -> None:
+    info = load_info(info_path)
+    if split in info.get("splits", {}):
+        del info["splits"][split]
+        write_json_atomic(info_path, info)
+
+
+def _remove_leftovers(out_dir: Path, split: str, keep: int | None) -> None:
+    """Delete partial shards of ``split``; with ``keep``, also its shards numbered >= keep."""
+    for path in out_dir.glob(f".{split}-*.tar.partial"):
+        path.unlink()
+    if keep is not None:
+        pattern = re.compile(rf"{re.escape(split)}-(\d{{6}})\.tar")
+        for path in out_dir.glob(f"{split}-*.tar"):
+            match = pattern.fullmatch(path.name)
+            if match and int(match.group(1)) >= keep:
+                path.unlink()
+
+
+def write_split(src: str | Path, out_dir: str | Path, split: str, *, labels: str | Path | None = None,
+                seed: int = 0, max_per_shard: int = 1000, max_shard_bytes: int = 1 << 30,
+                workers: int = 1, name: str | None = None, with_json: bool = True,
+                progress: bool = True) -> WriteResult:
+    """Write SRC as ``OUT_DIR/{split}-NNNNNN.tar`` shards and record them in _info.json."""
+    src, out_dir = Path(src), Path(out_dir)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise SourceError(f"split name {split!r}: use letters, digits and '_' only")
+    if max_per_shard < 1 or max_shard_bytes < 1:
+        raise SourceError("--max-per-shard and --max-shard-bytes must be positive")
+    if not src.is_dir():
+        raise SourceError(f"{src}: {'not a directory' if src.exists() else 'no such directory'}")
+    info_path = out_dir / INFO_NAME
+    items, class_names = collect_items(src, Path(labels) if labels else None,
+                                      load_info(info_path).get("class_names"), info_path)
+    random.Random(seed).shuffle(items)
+    groups = plan_shards(items, max_per_shard, max_shard_bytes, with_json)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _forget_split(info_path, split)
+    _remove_leftovers(out_dir, split, keep=None)
+    result = write_groups(groups, out_dir, split, workers, progress, with_json)
+    _remove_leftovers(out_dir, split, keep=len(result.filenames))
+    if not result.filenames:
+        raise SourceError(f"{src}: none of its {len(items)} images decoded")
+
+    info = load_info(info_path)  # re-read: keeps splits written meanwhile
+    info["name"] = name or info.get("name") or out_dir.resolve().name
+    info["num_classes"] = len(class_names)
+    info["class_names"] = class_names
+    info.setdefault("splits", {})[split] = {
+        "name": split, "num_samples": result.num_samples,
+        "filenames": result.filenames, "shard_lengths": result.shard_lengths}
+    write_json_atomic(info_path, info)
+    return result
