@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, load_script, read_offline_run, subprocess_env
 from hrnet_cls.config import load_config
-from test_tracking import read_offline_run
 
-REPO = Path(__file__).resolve().parent.parent
-VAL_SIZE = 360  # samples in shards/digits/val-{000000..000001}.tar
+train_script = load_script("train.py")
 # A small, fast recipe: 2 training shards (360 images) = 11 steps of 32 per epoch.
 TINY = [
     "data.train_shards=shards/digits/train-{000000..000001}.tar", "data.batch_size=32", "data.workers=1",
@@ -27,20 +26,10 @@ TINY = [
 STEPS_PER_EPOCH = 11
 
 
-def env_for(tmp_path: Path, wandb: str = "disabled") -> dict[str, str]:
-    """A clean environment: CPU only, no torchrun variables, W&B isolated in tmp_path."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "WANDB_API_KEY", "WANDB_BASE_URL")}
-    env.update(CUDA_VISIBLE_DEVICES="", WANDB_MODE=wandb, WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
-               WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), HOME=str(tmp_path),
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    return env
-
-
 def train(tmp_path: Path, *overrides: str, wandb: str = "disabled", timeout: float = 900,
           **env: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *overrides]
-    return subprocess.run(cmd, cwd=REPO, env=env_for(tmp_path, wandb) | env, capture_output=True, text=True,
+    return subprocess.run(cmd, cwd=REPO, env=subprocess_env(tmp_path, wandb) | env, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -70,23 +59,43 @@ def test_demo_reaches_90_percent_top1(tmp_path) -> None:
     assert len(lines) == 1 and lines[0].startswith("final val top-1"), proc.stdout
     assert f"{float(rows[-1]['val_top1']):.2f}%" in lines[0] and f"({VAL_SIZE} images" in lines[0]
     assert load(out / "last.pth")["epoch"] == epochs
+    # config.yaml: the resolved recipe with its comments, written once at the start, never rewritten
+    assert (out / "config.yaml").read_text().startswith("# Network and its initialisation.")
+    assert load_config(str(out / "config.yaml")) == load_config("demo_digits.yaml", [f"checkpoint.output_dir={out}"])
 
 
 # ---------------------------------------------------------------- config errors
 
 
-@pytest.mark.parametrize("override,expected", [
+CONFIG_ERRORS = [
     ("optim.lrr=0.1", "unknown config key 'optim.lrr' (did you mean 'optim.lr'?)"),
     ("optim.lr=fast", "config key 'optim.lr' expects float"),
     ("data.train_shards=/nonexistent/train-{000000..000003}.tar", "data.train_shards: no shard file matches"),
-    ("model.name=hrnet_w18_cc", "model.name 'hrnet_w18_cc' is not a registered timm model (did you mean"),
+    ("model.name=hrnet_w18_cc", "model.name: unknown timm model 'hrnet_w18_cc' (did you mean"),
     ("model.init_from=/nonexistent/w18.pth", "model.init_from: no checkpoint file '/nonexistent/w18.pth'"),
     ("train.sync_bn=true", "train.sync_bn=true needs CUDA"),  # as rank 0 of 2, before joining the group
     ("checkpoint.save_interval=-1", "checkpoint.save_interval must be >= 0 steps"),
-], ids=["unknown-key", "wrong-type", "missing-shards", "unknown-model", "missing-init", "sync-bn-on-cpu",
-        "bad-value"])
-def test_config_errors_exit_fast_with_one_line_and_no_output(tmp_path, override, expected) -> None:
+]
+
+
+@pytest.mark.parametrize("override,expected", CONFIG_ERRORS,
+                         ids=["unknown-key", "wrong-type", "missing-shards", "unknown-model", "missing-init",
+                              "sync-bn-on-cpu", "bad-value"])
+def test_config_errors_are_one_line_before_any_output(tmp_path, monkeypatch, override, expected) -> None:
     out = tmp_path / "never"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as rank 0 of 2: nothing may wait for the other rank
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        train_script.main(["--config", "demo_digits.yaml", f"checkpoint.output_dir={out}", override])
+    message = str(exit_info.value.code)
+    assert "\n" not in message and message.startswith("train.py: error: ") and expected in message, message
+    assert not out.exists()
+
+
+@pytest.mark.slow  # a fresh interpreter: the real command line, its stderr and exit status
+def test_a_config_error_from_the_command_line_exits_fast_with_one_line(tmp_path) -> None:
+    out = tmp_path / "never"
+    override, expected = CONFIG_ERRORS[0]
     start = time.monotonic()
     proc = train(tmp_path, f"checkpoint.output_dir={out}", override, timeout=60, WORLD_SIZE="2", RANK="0")
     elapsed = time.monotonic() - start
@@ -192,7 +201,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path) -> None:
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
-    victim = subprocess.Popen(cmd, cwd=REPO, env=env_for(tmp_path), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (killed / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -228,7 +237,7 @@ def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
            "--config", "demo_digits.yaml", *TINY, "data.batch_size=16", "schedule.epochs=1",
            "train.ema=true", f"checkpoint.output_dir={out}", "wandb.name=ddp"]
-    env = env_for(tmp_path, wandb="offline")
+    env = subprocess_env(tmp_path, wandb="offline")
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

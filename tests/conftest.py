@@ -1,0 +1,104 @@
+"""Shared helpers and fixtures of the test suite.
+
+Fast lane: ``python -m pytest -q -m "not slow"`` (unit tests, tiny models and inputs);
+CI runs everything. Tests marked slow start fresh interpreters (train.py, torchrun, a
+killed child), build full-size models at 224 px, or really train.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import hrnet_cls  # noqa: F401  (registers the HRNet-C models with timm)
+
+REPO = Path(__file__).resolve().parent.parent
+DIGITS = REPO / "shards" / "digits"  # the bundled sample shards: 1,437 train / 360 val images, 10 classes
+DIGITS_VAL = str(DIGITS / "val-{000000..000001}.tar")
+DIGITS_VAL_SAMPLES = 360  # _info.json, split "val"
+
+
+def load_script(name: str):
+    """train.py / validate.py as modules: they are scripts at the repository root, not package modules."""
+    spec = importlib.util.spec_from_file_location(f"{Path(name).stem}_script", REPO / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_model(num_classes: int = 10, seed: int | None = 0, **kwargs) -> torch.nn.Module:
+    """hrnet_tiny_c, seeded (seed=None: whatever the global RNG gives)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return timm.create_model("hrnet_tiny_c", num_classes=num_classes, **kwargs)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def subprocess_env(tmp_path: Path, wandb: str = "disabled", **extra: str) -> dict[str, str]:
+    """A clean environment for train.py / validate.py / torchrun children: CPU only, no torchrun
+    variables, W&B isolated in tmp_path, the repository importable."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "WANDB_API_KEY", "WANDB_BASE_URL")}
+    env.update(CUDA_VISIBLE_DEVICES="", WANDB_MODE=wandb, WANDB_DIR=str(tmp_path), WANDB_SILENT="true",
+               WANDB_CONFIG_DIR=str(tmp_path / "wandb_config"), HOME=str(tmp_path),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    return env | extra
+
+
+# ---------------------------------------------------------------- W&B offline run files
+
+
+def read_wandb_records(path: Path) -> list:
+    """Records of an offline run's .wandb file: wandb's LevelDB-style log of protobufs
+    (a 7-byte file header, then 32 KiB blocks of chunks: crc32, length, type)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, pending, records = path.read_bytes(), 7, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # block trailer too short for a header: padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST chunk: a record is complete
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _items_to_dict(items) -> dict:
+    return {(item.key or ".".join(item.nested_key)): json.loads(item.value_json) for item in items}
+
+
+def read_offline_run(wandb_dir: Path) -> dict:
+    """Name, config, tags and history of the one offline W&B run under wandb_dir."""
+    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = read_wandb_records(run_file)
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    history = [_items_to_dict(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+    return {"name": runs[0].display_name, "config": _items_to_dict(runs[0].config.update),
+            "tags": list(runs[0].tags), "history": history}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads spin-wait on each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
