@@ -68,11 +68,28 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
+# PIL modes of integer grayscale wider than 8 bits: a 16-bit grayscale PNG opens as "I;16" (older
+# Pillow: "I"); TIFF and raw sources give "I;16B"/"I;16L"/"I;16N". convert("RGB"/"L") clips these
+# values at 255, so nearly every pixel turns white. 16-bit RGB(A) and gray+alpha PNGs are not
+# among them: PIL already decodes those to "RGB"/"RGBA", keeping each sample's high byte.
+WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+
+def wide_gray_to_uint8(img: Image.Image) -> np.ndarray:
+    """(H, W) uint8 of a loaded WIDE_GRAY_MODES image: value >> 8 (65535 -> 255, 32768 -> 128;
+    "I" is read as 16-bit, clipped into 0..65535 first)."""
+    values = np.asarray(img)
+    if img.mode == "I":
+        values = np.clip(values, 0, 65535)
+    return (values >> 8).astype(np.uint8)
+
+
 def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
     """(pixels as a read-only (H, W, 3) uint8 array, reduction factor applied while decoding).
 
     ``keep`` = how many times larger than needed the region of interest is per side: a
-    JPEG is decoded at 1/s scale for the largest s in (8, 4, 2) with s <= keep.
+    JPEG is decoded at 1/s scale for the largest s in (8, 4, 2) with s <= keep. 16-bit
+    grayscale is reduced to 8 bits (value >> 8) instead of being clipped at 255.
     """
     factor = 1
     if img.format == "JPEG" and keep >= 2:
@@ -83,6 +100,10 @@ def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
         if drafted is not None:  # (mode, (0, 0, width / factor, height / factor))
             factor = round(full_width / drafted[1][2])
     img.load()
+    if img.mode in WIDE_GRAY_MODES:
+        pixels = np.repeat(wide_gray_to_uint8(img)[:, :, None], 3, axis=2)
+        pixels.flags.writeable = False
+        return pixels, factor
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img), factor

@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              progress=not args.quiet)
     except SourceError as exc:
         raise SystemExit(f"error: {exc}") from None
+    # skipped: files not written (dangling symlinks, files that do not decode); a second path to
+    # a file already written (symlinks) is no skipped file, but is counted too when there is one
+    same = f", {len(result.duplicates)} duplicate path(s) left out" if result.duplicates else ""
     print(f"{args.split}: {result.num_samples} samples in {len(result.filenames)} shards "
-          f"({args.out_dir}/{args.split}-*.tar), {len(result.bad)} file(s) skipped")
+          f"({args.out_dir}/{args.split}-*.tar), {len(result.bad)} file(s) skipped{same}")
     return 0

@@ -6,7 +6,8 @@ import csv
 import logging
 import os
 import re
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -33,6 +34,14 @@ class Item:
     nbytes: int  # file size, for --max-shard-bytes
 
 
+@dataclass
+class ScanReport:
+    """What the scan left out of SRC, each already logged as one warning line."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable entries
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, path kept): same real file
+
+
 # ---------------------------------------------------------------- sources and labels
 
 
@@ -40,23 +49,153 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and Path(name).suffix.lower() in SOURCE_SUFFIXES
 
 
-def _images_under(folder: Path, src: Path) -> list[str]:
-    """Image paths under ``folder`` (recursive, sorted), relative to ``src``."""
-    found = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        found += [os.path.relpath(os.path.join(root, f), src) for f in files if _is_image_name(f)]
-    return sorted(found)
+def _dangling(path: Path | str) -> bool:
+    """A symlink whose target does not exist (a loop of file links counts too)."""
+    return os.path.islink(path) and not os.path.exists(path)
 
 
-def scan_image_folder(src: Path) -> dict[str, list[str]]:
-    """{class folder name: image paths relative to SRC} for an ImageFolder tree."""
-    classes = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _skip_dangling(path: Path | str, report: ScanReport) -> None:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    logger.warning("skipped dangling symlink %s -> %s (target not found)", path, target)
+    report.skipped.append((str(path), f"dangling symlink to {target}"))
+
+
+def _dir_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows symlinks: the real directory
+    return st.st_dev, st.st_ino
+
+
+class _TreeWalk:
+    """Image files below the class folders, following symlinked directories but entering each
+    real directory (by (st_dev, st_ino)) at most once.
+
+    Pass 1 walks every class folder's real sub-folders; only then are the symlinked folders met
+    on the way followed (pass 2, in the order met), so a tree's own folders always count as the
+    real location of their files, and a link back to SRC, a class folder or any ancestor is a
+    loop that is reported and not followed.
+    """
+
+    def __init__(self, src: Path, report: ScanReport) -> None:
+        self.src, self.report = src, report
+        self.seen: dict[tuple[int, int], str] = {_dir_id(str(src)): "."}  # real dir -> path met first
+        self.links: deque[tuple[str, str]] = deque()  # (symlinked dir, class): followed in pass 2
+        # (rel, class, real path, direct): direct = no symlink on the way below the class folder
+        self.files: list[tuple[str, str, str, bool]] = []
+
+    def add_class(self, name: str) -> None:
+        path = str(self.src / name)
+        dir_id = _dir_id(path)
+        if dir_id in self.seen:
+            logger.warning("class folder %s is the same directory as %s; its images are not "
+                           "written twice", path, self.seen[dir_id])
+            return
+        self.seen[dir_id] = name
+        self._walk(path, name, direct=True)
+
+    def follow_links(self) -> None:
+        while self.links:
+            link, class_name = self.links.popleft()
+            rel = os.path.relpath(link, self.src)
+            target = os.path.realpath(link)
+            try:
+                dir_id = _dir_id(link)
+            except OSError as exc:  # gone meanwhile, or a loop of links
+                logger.warning("symlinked folder %s not followed: %s", link, exc)
+                continue
+            if dir_id in self.seen:
+                parent = os.path.realpath(os.path.dirname(link))
+                if os.path.commonpath([parent, target]) == target:
+                    logger.warning("symlink loop: %s -> %s points back to a folder containing it; "
+                                   "not followed", rel, target)
+                else:
+                    logger.warning("symlinked folder %s -> %s: already scanned as %s; not followed again",
+                                   rel, target, self.seen[dir_id])
+                continue
+            self.seen[dir_id] = rel
+            self._walk(link, class_name, direct=False)
+
+    def _walk(self, folder: str, class_name: str, direct: bool) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            logger.warning("folder %s not read: %s", folder, exc)
+            return
+        real_folder = os.path.realpath(folder)  # once per folder: a plain file's real path is below it
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path, is_link = entry.path, entry.is_symlink()
+            try:
+                is_dir = entry.is_dir()  # follows a symlink
+            except OSError:
+                is_dir = False
+            if is_link and is_dir:
+                self.links.append((path, class_name))
+            elif is_dir:
+                dir_id = _dir_id(path)
+                if dir_id not in self.seen:  # a second path without a link: a bind mount
+                    self.seen[dir_id] = os.path.relpath(path, self.src)
+                    self._walk(path, class_name, direct)
+            elif _is_image_name(entry.name):
+                if is_link and not os.path.exists(path):
+                    _skip_dangling(path, self.report)
+                else:
+                    real = os.path.realpath(path) if is_link else os.path.join(real_folder, entry.name)
+                    self.files.append((os.path.relpath(path, self.src), class_name, real,
+                                       direct and not is_link))
+            elif is_link and not os.path.exists(path):
+                logger.warning("dangling symlink %s -> %s not followed (target not found)",
+                               path, os.readlink(path))
+
+
+def _drop_same_files(src: Path, found: list[tuple[str, str, str, bool]], report: ScanReport,
+                     ) -> list[tuple[str, str]]:
+    """(rel, class) with one path per real file: the first path free of symlinks if any,
+    else the first met; each other path is logged and left out."""
+    first: dict[str, int] = {}  # real path -> index of the path kept
+    for i, (_, _, real, direct) in enumerate(found):
+        if real not in first or (direct and not found[first[real]][3]):
+            first[real] = i
+    kept = []
+    for i, (rel, class_name, real, _) in enumerate(found):
+        keep = found[first[real]][0]
+        if first[real] == i:
+            kept.append((rel, class_name))
+        else:
+            logger.warning("%s is the same file as %s (real path %s); written once, as %s",
+                           src / rel, src / keep, real, keep)
+            report.duplicates.append((str(src / rel), str(src / keep)))
+    return kept
+
+
+def scan_image_folder(src: Path, report: ScanReport | None = None) -> dict[str, list[str]]:
+    """{class folder name: image paths relative to SRC} for an ImageFolder tree.
+
+    Symlinked files and folders are followed; each real folder is entered and each real file
+    listed once. Dangling symlinks, loops and second paths to a file are logged and, for the
+    caller, recorded in ``report``.
+    """
+    report = ScanReport() if report is None else report
+    entries = sorted(src.iterdir())
+    classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
+    for p in entries:  # loose files are no samples here; a dangling link may be a lost class
+        if not p.name.startswith(".") and _dangling(p):
+            logger.warning("dangling symlink %s -> %s not followed (target not found)", p, os.readlink(p))
     if not classes:
-        loose = any(_is_image_name(p.name) for p in src.iterdir() if p.is_file())
+        loose = any(_is_image_name(p.name) for p in entries if p.is_file())
         hint = "; pass --labels FILE for a flat folder" if loose else ""
         raise SourceError(f"{src}: no class sub-folders with images{hint}")
-    found = {name: _images_under(src / name, src) for name in classes}
+    walk = _TreeWalk(src, report)
+    for name in classes:
+        walk.add_class(name)
+    walk.follow_links()
+    found: dict[str, list[str]] = {name: [] for name in classes}
+    for rel, class_name in _drop_same_files(src, walk.files, report):
+        found[class_name].append(rel)
+    found = {name: sorted(rels) for name, rels in found.items()}
     if not any(found.values()):
         raise SourceError(f"{src}: no .jpg/.jpeg/.png/.webp files in its class folders")
     empty = [name for name, files in found.items() if not files]
@@ -100,29 +239,46 @@ def read_labels(path: Path) -> list[tuple[str, str, int]]:
 
 
 def _stem_index(src: Path) -> dict[str, str | None]:
-    """{file stem: file name} for SRC's top-level images; None where a stem is ambiguous."""
+    """{file stem: file name} for SRC's top-level images (dangling links included, to be
+    reported when listed); None where a stem is ambiguous."""
     index: dict[str, str | None] = {}
     for p in src.iterdir():
-        if p.is_file() and _is_image_name(p.name):
+        if (p.is_file() or _dangling(p)) and _is_image_name(p.name):
             index[p.stem] = None if p.stem in index else p.name
     return index
 
 
-def match_labelled_files(src: Path, labels: Path) -> list[tuple[str, str, int]]:
+def match_labelled_files(src: Path, labels: Path, report: ScanReport | None = None,
+                         ) -> list[tuple[str, str, int]]:
     """(path relative to SRC, class token, line number) for every labels-file line.
 
     A listed name may omit the extension (``ILSVRC2012_val_00000001``) when the stem is unique.
+    A listed dangling symlink, or a second name for a file already listed (same real path), is
+    logged, recorded in ``report`` and left out.
     """
+    report = ScanReport() if report is None else report
     stems = _stem_index(src)
-    rows, used = [], {}
+    rows, used, reals = [], {}, {}
     for name, token, lineno in read_labels(labels):
         stem = Path(name).stem if Path(name).suffix.lower() in SOURCE_SUFFIXES else name
-        rel = name if (src / name).is_file() else stems.get(stem)
-        if rel is None or not (src / rel).is_file():
-            raise SourceError(f"{labels}:{lineno}: {name} not found in {src}")
+        rel = name if (src / name).is_file() or _dangling(src / name) else stems.get(stem)
         if rel in used:
             raise SourceError(f"{labels}:{lineno}: {name} already labelled on line {used[rel]}")
+        if rel is not None and _dangling(src / rel):
+            used[rel] = lineno
+            _skip_dangling(src / rel, report)
+            continue
+        if rel is None or not (src / rel).is_file():
+            raise SourceError(f"{labels}:{lineno}: {name} not found in {src}")
         used[rel] = lineno
+        real = os.path.realpath(src / rel)
+        if real in reals:
+            kept, kept_line = reals[real]
+            logger.warning("%s:%d: %s is the same file as %s (line %d, real path %s); written once",
+                           labels, lineno, src / rel, src / kept, kept_line, real)
+            report.duplicates.append((str(src / rel), str(src / kept)))
+            continue
+        reals[real] = rel, lineno
         rows.append((rel, token, lineno))
     unlisted = sum(1 for stem, n in stems.items() if n is not None and n not in used)
     if unlisted:
@@ -171,13 +327,14 @@ def _make_items(src: Path, rels: list[str], labels: list[int], class_names: list
 
 
 def collect_items(src: Path, labels: Path | None, class_names: list[str] | None,
-                  info_path: Path) -> tuple[list[Item], list[str]]:
+                  info_path: Path, report: ScanReport | None = None) -> tuple[list[Item], list[str]]:
     """Source images with class indices, and the class list OUT_DIR will store.
 
-    ``class_names`` is the list already stored in OUT_DIR (None for a fresh OUT_DIR).
+    ``class_names`` is the list already stored in OUT_DIR (None for a fresh OUT_DIR). Files the
+    scan leaves out (dangling symlinks, second paths to a file) are recorded in ``report``.
     """
     if labels is None:
-        by_class = scan_image_folder(src)
+        by_class = scan_image_folder(src, report)
         if class_names is None:
             class_names = list(by_class)
         lookup = {name: i for i, name in enumerate(class_names)}
@@ -188,7 +345,9 @@ def collect_items(src: Path, labels: Path | None, class_names: list[str] | None,
         rels = [rel for files in by_class.values() for rel in files]
         indices = [lookup[name] for name, files in by_class.items() for _ in files]
         return _make_items(src, rels, indices, class_names), class_names
-    rows = match_labelled_files(src, labels)
+    rows = match_labelled_files(src, labels, report)
+    if not rows:
+        raise SourceError(f"{labels}: none of its files is readable in {src}")
     if class_names is None:
         if all(token.isdigit() for _, token, _ in rows):
             raise SourceError(f"{labels}: labels are class indices but {info_path} holds no class "

@@ -11,14 +11,15 @@ import random
 import re
 import sys
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
 from hrnet_cls.data.sources import INFO_NAME, load_info_file
-from hrnet_cls.shards.scan import Item, SourceError, collect_items
+from hrnet_cls.data.transforms import WIDE_GRAY_MODES, wide_gray_to_uint8
+from hrnet_cls.shards.scan import Item, ScanReport, SourceError, collect_items
 
 logger = logging.getLogger("hrnet_cls.shards")
 
@@ -33,7 +34,8 @@ class WriteResult:
     split: str
     filenames: list[str]  # relative to OUT_DIR, in shard order
     shard_lengths: list[int]
-    bad: list[tuple[str, str]]  # (source path, reason) of files left out
+    bad: list[tuple[str, str]]  # (source path, reason) of files left out: unreadable or not decoding
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, path kept): same real file
 
     @property
     def num_samples(self) -> int:
@@ -86,12 +88,29 @@ def image_extension(data: bytes) -> str:
 
     ``load`` decodes every pixel: a truncated JPEG opens (header only) and fails here.
     """
+    return shard_image(data)[0]
+
+
+def shard_image(data: bytes) -> tuple[str, bytes]:
+    """(sample extension, bytes to store) for encoded image bytes; raises if they do not fully
+    decode.
+
+    The bytes are the source's, unchanged, except for 16-bit grayscale PNGs (PIL modes "I;16*",
+    and "I" from older Pillow): ``convert("RGB")`` in a reader would clip their 0..65535 values
+    at 255, so they are stored re-encoded as 8-bit grayscale PNGs, value >> 8 (65535 -> 255,
+    32768 -> 128). 16-bit RGB(A) and gray+alpha PNGs already decode to 8-bit modes the same
+    way (PIL keeps the high byte) and are copied like every other image.
+    """
     with Image.open(io.BytesIO(data)) as img:
         fmt = img.format
         img.load()
-    if fmt not in FORMAT_EXT:
-        raise ValueError(f"unsupported image format {fmt} (JPEG, PNG or WebP expected)")
-    return FORMAT_EXT[fmt]
+        if fmt not in FORMAT_EXT:
+            raise ValueError(f"unsupported image format {fmt} (JPEG, PNG or WebP expected)")
+        if img.mode not in WIDE_GRAY_MODES:
+            return FORMAT_EXT[fmt], data
+        buf = io.BytesIO()
+        Image.fromarray(wide_gray_to_uint8(img)).save(buf, "PNG")  # uint8 (H, W): mode L
+    return "png", buf.getvalue()
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -111,7 +130,7 @@ def _write_group(task: tuple[list[Item], str, bool]) -> tuple[int, list[tuple[st
             try:
                 with open(item.path, "rb") as f:
                     data = f.read()
-                ext = image_extension(data)
+                ext, data = shard_image(data)
             except UnidentifiedImageError:
                 bad.append((item.path, "not an image format PIL recognises"))
                 continue
@@ -223,8 +242,9 @@ def write_split(src: str | Path, out_dir: str | Path, split: str, *, labels: str
     if not src.is_dir():
         raise SourceError(f"{src}: {'not a directory' if src.exists() else 'no such directory'}")
     info_path = out_dir / INFO_NAME
+    report = ScanReport()
     items, class_names = collect_items(src, Path(labels) if labels else None,
-                                      load_info(info_path).get("class_names"), info_path)
+                                      load_info(info_path).get("class_names"), info_path, report)
     random.Random(seed).shuffle(items)
     groups = plan_shards(items, max_per_shard, max_shard_bytes, with_json)
 
@@ -232,6 +252,8 @@ def write_split(src: str | Path, out_dir: str | Path, split: str, *, labels: str
     _forget_split(info_path, split)
     _remove_leftovers(out_dir, split, keep=None)
     result = write_groups(groups, out_dir, split, workers, progress, with_json)
+    result.bad[:0] = report.skipped  # left out by the scan (dangling symlinks), already logged
+    result.duplicates = report.duplicates
     _remove_leftovers(out_dir, split, keep=len(result.filenames))
     if not result.filenames:
         raise SourceError(f"{src}: none of its {len(items)} images decoded")
