@@ -3,15 +3,20 @@
 The W&B mode is decided before ``wandb.init``: against an unreachable server ``wandb.init``
 blocks for its default 90 s init timeout and then raises, and falling back to offline in
 the same process can hang. So "online" is only tried when wandb finds an API key without
-prompting and the server verifies it within ``connect_timeout_s``; ``wandb.init`` itself
-runs under ``init_timeout_s`` for servers that answer but then stall. Any failure means
-training goes on without W&B after one warning.
+prompting and the server verifies it within ``connect_timeout_s``, both checked in a child
+process that is killed if it overruns (see ``_CHECK``); ``wandb.init`` itself runs under
+``init_timeout_s`` for servers that answer but then stall. Any failure means training goes
+on without W&B after one warning.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +41,7 @@ SUMMARY_COLUMNS = (
     "skipped",  # samples skipped by the data pipeline (unreadable images)
 )
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+_CHECK_OVERHEAD_S = 10.0  # beyond connect_timeout_s, for the check's own start (importing wandb: ~0.5 s)
 
 
 # ---------------------------------------------------------------- mode decision
@@ -54,13 +60,42 @@ def _online_wandb() -> Any:
     return wandb
 
 
-def _give_up(message: str, *args: Any) -> str:
-    """One warning line, then stop the W&B service this process started: W&B stays off."""
-    import wandb
+# Runs in a child process. Cancelling a wandb.Api request at its timeout can break the
+# connection to the W&B service, and wandb.teardown() (also wandb's own at exit) then waits
+# forever for a service that never got the message (seen with wandb 0.31 against a closed
+# port, about one run in four). In a child we can bound, os._exit skips that teardown; the
+# child's service exits when its parent is gone.
+_CHECK = """
+import os, sys
+import wandb
+try:
+    wandb.setup(wandb.Settings(mode="online", x_disable_viewer=True))
+    if not wandb.login(prompt=False, verify=False):  # env, token file, netrc or settings file; no network
+        print("wandb.mode is online but no API key is configured (set WANDB_API_KEY or run `wandb login`)")
+        os._exit(3)
+    wandb.Api(timeout=float(sys.argv[1]))  # verifies the key with the server
+except Exception as e:
+    print(" ".join(str(e).split()) or type(e).__name__)
+    os._exit(1)
+os._exit(0)
+"""
 
-    logger.warning("W&B disabled: %s", " ".join((message % args).split()))  # wandb's errors span lines
-    wandb.teardown()
-    return "disabled"
+
+def _check_online(connect_timeout_s: float) -> str:
+    """'' when wandb finds an API key and the server verifies it in time, else why not."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_SERVICE")}  # its own service
+    child = subprocess.Popen([sys.executable, "-c", _CHECK, str(connect_timeout_s)], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = child.communicate(timeout=connect_timeout_s + _CHECK_OVERHEAD_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        return f"the server did not verify the API key within {connect_timeout_s:.0f} s"
+    if child.returncode == 0:
+        return ""
+    reason = (out.strip().splitlines() or ["the check failed"])[-1]
+    return reason if child.returncode == 3 else f"the server did not verify the API key: {reason}"
 
 
 def resolve_wandb_mode(cfg: WandbConfig, connect_timeout_s: float = 3.0) -> str:
@@ -77,19 +112,12 @@ def resolve_wandb_mode(cfg: WandbConfig, connect_timeout_s: float = 3.0) -> str:
         mode = _MODE_ALIASES.get(cfg.mode, cfg.mode)
     if mode != "online":
         return mode
-    wandb = _online_wandb()
-    hint = "use wandb.mode=offline to keep a local run and `wandb sync` it later"
-    try:  # WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, netrc or settings file; no network
-        has_key = wandb.login(prompt=False, verify=False)
-    except wandb.errors.Error as e:  # a malformed key, or both a key and a token file
-        return _give_up("%s (%s)", e, hint)
-    if not has_key:  # wandb.init would prompt on a terminal and raise without one
-        return _give_up("wandb.mode is online but no API key is configured (set WANDB_API_KEY "
-                        "or run `wandb login`; or %s)", hint)
-    try:  # verifies the API key with the server, within connect_timeout_s
-        wandb.Api(timeout=connect_timeout_s)
-    except Exception as e:  # unreachable, silent, not a W&B server, or the key is refused
-        return _give_up("the server did not verify the API key within %.0f s: %s (%s)", connect_timeout_s, e, hint)
+    problem = _check_online(connect_timeout_s)
+    if problem:
+        logger.warning("W&B disabled: %s (use wandb.mode=offline to keep a local run and `wandb sync` it later)",
+                       problem)
+        return "disabled"
+    _online_wandb()
     return "online"
 
 
@@ -181,6 +209,17 @@ class Tracker:
             wandb.teardown()
 
 
+def _bounded_teardown(timeout_s: float = 10.0) -> None:
+    """Stop this process's W&B service, waiting at most timeout_s: after a failed request the
+    service may never hear the teardown and wandb.teardown() would wait forever (see _CHECK).
+    A daemon thread that is still waiting does not keep the process from exiting."""
+    import wandb
+
+    thread = threading.Thread(target=wandb.teardown, name="wandb-teardown", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+
+
 def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float) -> Any:
     """wandb.init in an already-decided mode; on failure warn once and return None."""
     import wandb
@@ -198,7 +237,9 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
             settings=wandb.Settings(init_timeout=init_timeout_s),
         )
     except Exception as e:  # never retry offline in this process: that can hang
-        _give_up("wandb.init failed after %.0f s: %s", time.monotonic() - started, e)
+        logger.warning("W&B disabled: wandb.init failed after %.0f s: %s", time.monotonic() - started,
+                       " ".join(str(e).split()))  # wandb's errors span lines
+        _bounded_teardown()
         return None
     run.define_metric("train/step")
     run.define_metric("train/*", step_metric="train/step")
