@@ -36,46 +36,41 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
 
 
 class StepSchedule:
-    """Step decay with optional linear warm-up, evaluated per optimizer step.
+    """Step decay with optional linear warm-up, a function of epoch progress measured in samples.
 
-    lr(epoch) = base_lr x decay_rate ** (number of decay epochs <= epoch) x warm-up factor,
-    where epoch = step / steps_per_epoch is fractional. With decay_epochs=[30] every step
-    of epoch 29 runs at base_lr and the first step of epoch 30 at base_lr x decay_rate
-    (timm's MultiStepLRScheduler decays one epoch early). The warm-up factor rises
-    linearly over warmup_epochs: (step + 1) / warmup_steps, reaching 1 on the last
-    warm-up step, so no step runs at lr 0.
+    A step that trains the samples between fractional epochs ``start`` and ``end`` (epoch +
+    fraction of the epoch's samples; train_loader.TrainLoader.progress) runs at
+    base_lr x decay_rate ** (number of decay epochs <= start) x min(1, end / warmup_epochs).
+    With decay_epochs=[30] every step of epoch 29 runs at base_lr and the first step of epoch
+    30 at base_lr x decay_rate (timm's MultiStepLRScheduler decays one epoch early). The
+    warm-up reaches 1 on its last step and no step runs at lr 0. Being a function of samples
+    seen, the lr of a sample does not change when a run resumes on another number of processes.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int):
-        if steps_per_epoch < 1:
-            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig):
         self.optimizer = optimizer
-        self.steps_per_epoch = steps_per_epoch
         self.decay_epochs = list(cfg.decay_epochs)
         self.decay_rate = cfg.decay_rate
-        self.warmup_steps = cfg.warmup_epochs * steps_per_epoch
+        self.warmup_epochs = cfg.warmup_epochs
         # Peak lr per group, read once from the optimizer as built from the config: an
         # optimizer state loaded on resume cannot change it, the config decides.
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
 
-    def factor_at(self, epoch: float) -> float:
-        """Multiplier of the peak lr at fractional epoch (= global step / steps_per_epoch)."""
-        factor = self.decay_rate ** bisect_right(self.decay_epochs, epoch)
-        if self.warmup_steps:
-            factor *= min(1.0, (epoch * self.steps_per_epoch + 1) / self.warmup_steps)
+    def factor_at(self, start: float, end: float | None = None) -> float:
+        """Multiplier of the peak lr for a step over epoch progress [start, end]."""
+        factor = self.decay_rate ** bisect_right(self.decay_epochs, start)
+        if self.warmup_epochs:
+            factor *= min(1.0, (start if end is None else end) / self.warmup_epochs)
         return factor
 
-    def step(self, global_step: int) -> float:
-        """Set every group's lr for optimizer step number global_step (0-based); returns it.
-
-        Call before optimizer.step(), with the number of optimizer steps already taken.
-        """
-        factor = self.factor_at(global_step / self.steps_per_epoch)
+    def step(self, start: float, end: float) -> float:
+        """Set every group's lr for the step over [start, end] (call before optimizer.step()); returns it."""
+        factor = self.factor_at(start, end)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base_lr * factor
         return self.optimizer.param_groups[0]["lr"]
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int) -> StepSchedule:
-    """The paper's step schedule over optimizer, with steps_per_epoch optimizer steps per epoch."""
-    return StepSchedule(optimizer, cfg, steps_per_epoch)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> StepSchedule:
+    """The paper's step schedule over optimizer."""
+    return StepSchedule(optimizer, cfg)

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from conftest import DIGITS
-from hrnet_cls.data import loaders, sources
+from hrnet_cls.data import LabelError, sources, train_loader
 from hrnet_cls.data import (
     build_train_loader,
     build_val_loader,
@@ -156,9 +156,10 @@ def test_batches_are_normalised_float_with_int64_targets(tmp_path: Path) -> None
     grey = io.BytesIO()
     Image.new("RGB", (20, 20), (128, 128, 128)).save(grey, "PNG")
     urls = write_shards(tmp_path, "train", [[(f"g{i}", {"png": grey.getvalue(), "cls": b"3"}) for i in range(4)]])
-    images, targets, skipped = epoch_batches(urls, batch_size=4, img_size=8)[0]
+    images, targets, skipped, positions = epoch_batches(urls, batch_size=4, img_size=8)[0]
     assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
     assert targets.dtype == torch.int64 and targets.tolist() == [3] * 4 and skipped == 0
+    assert sorted(positions.tolist()) == [0, 1, 2, 3]  # one shard: positions are its sample indices
     expected = (128 / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
     assert torch.allclose(images, expected.view(1, 3, 1, 1).expand_as(images), atol=1e-5)
 
@@ -180,7 +181,7 @@ def test_crops_depend_on_the_sample_not_on_worker_count(tmp_path: Path) -> None:
     crops = {}
     for workers in (0, 2):  # 1 vs 2 slots: different batches, the same 18 samples
         batches = epoch_batches(urls, batch_size=3, img_size=24, workers=workers)
-        crops[workers] = {image.numpy().tobytes() for images, _, _ in batches for image in images}
+        crops[workers] = {image.numpy().tobytes() for images, *_ in batches for image in images}
     # each sample gets the same crop and flip in both runs (a crop identifies its sample)
     assert crops[0] == crops[2] and len(crops[0]) == 18
 
@@ -209,9 +210,75 @@ def test_every_rank_gets_the_same_batches_and_no_sample_twice(tmp_path: Path, si
                                     world_size=world, workers=workers)
         batches = list(loader)
         assert len(batches) == len(loader) == total // (batch * world)
-        assert all(images.shape[0] == batch for images, _, _ in batches)
-        seen += [i for images, _, _ in batches for i in ids_of(images)]
+        assert all(images.shape[0] == batch for images, *_ in batches)
+        seen += [i for images, *_ in batches for i in ids_of(images)]
     assert len(seen) == len(set(seen)) == (total // (batch * world)) * batch * world
+
+
+def take(loader, n: int) -> list[int]:
+    """Sample ids of the first n batches, asking for no more (the loader marks a batch consumed
+    when it hands it out, as the training loop trains on every batch it asks for)."""
+    ids, batches = [], iter(loader)
+    for _ in range(n):
+        images, *_ = next(batches, (None,))
+        if images is None:
+            break
+        ids += ids_of(images)
+    return ids
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resuming_under_another_layout_continues_without_replay_or_skip(tmp_path: Path, workers: int) -> None:
+    urls = id_shards(tmp_path, "train", [23, 5, 17, 1, 30, 9, 11])  # 96 samples
+    kw = dict(img_size=16, seed=1, epoch=3)
+    # 2 processes x 4 images, stopped after 5 of their 12 steps: 40 samples trained on
+    before = [build_train_loader(urls, batch_size=4, rank=r, world_size=2, workers=1, **kw) for r in (0, 1)]
+    seen = [i for loader in before for i in take(loader, 5)]
+    consumed = before[0].consumed | before[1].consumed
+    state = before[0].state(consumed)
+    assert len(seen) == len(set(seen)) == 40 == consumed.sum()
+    # continued on 3 processes x 5 images: 56 left, 3 steps of 15; the last partial global batch is dropped
+    after = [build_train_loader(urls, batch_size=5, rank=r, world_size=3, workers=workers, **kw) for r in range(3)]
+    for loader in after:
+        assert "another layout" in loader.resume(3, 5, state)
+        assert loader.batches_per_epoch == 56 // 15 and loader.progress(0)[0] == pytest.approx(3 + 40 / 85)
+        assert loader.progress(loader.batches_per_epoch - 1)[1] == 4.0  # the epoch ends on its last step
+    rest = [i for loader in after for i in take(loader, 99)]
+    assert len(rest) == 45 and not set(rest) & set(seen)  # nothing replayed
+    assert 96 - len(set(seen) | set(rest)) < 15  # nothing skipped beyond the last partial global batch
+
+
+def test_resuming_under_the_same_layout_is_bit_identical(tmp_path: Path) -> None:
+    urls = id_shards(tmp_path, "train", [11, 3, 8, 6, 4])  # 32 samples: 8 batches of 4
+    full = epoch_batches(urls, workers=2, epoch=2)
+    loader = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=2, workers=2)
+    take(loader, 3)
+    state = loader.state(loader.consumed)
+    resumed = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=0, workers=2)
+    assert resumed.resume(2, 3, state) == "epoch 2, batch 3"
+    assert same_batches(list(resumed), full[3:])
+    assert resumed.consumed.all()  # the restored positions plus the rest of the epoch
+
+
+def test_resume_refuses_other_shards_mid_epoch(tmp_path: Path) -> None:
+    loader = build_train_loader(id_shards(tmp_path / "a", "train", [8, 8]), batch_size=4, img_size=16, seed=0,
+                                epoch=0, workers=0)
+    take(loader, 1)
+    other = build_train_loader(id_shards(tmp_path / "b", "train", [8, 9]), batch_size=4, img_size=16, seed=0,
+                               epoch=0, workers=0)
+    with pytest.raises(ValueError, match="data.train_shards: the checkpoint stopped inside epoch 0 of other shards"):
+        other.resume(0, 1, loader.state(loader.consumed))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_out_of_range_label_is_an_error_naming_shard_and_key(tmp_path: Path, workers: int) -> None:
+    shard = [sample(i) for i in range(6)] + [("s00099", {"png": id_png(99), "cls": b"12"})]
+    urls = write_shards(tmp_path, "train", [shard])
+    pattern = r"train-000000.tar: sample s00099: label 12 outside 0..9 \(num_classes=10\)"
+    with pytest.raises(LabelError, match=pattern):
+        list(build_train_loader(urls, batch_size=7, img_size=16, seed=0, epoch=0, workers=workers))
+    with pytest.raises(LabelError, match=pattern):
+        list(build_val_loader(urls, batch_size=7, img_size=16, crop_pct=1.0, workers=workers))
 
 
 def test_set_epoch_retargets_the_loader(tmp_path: Path) -> None:
@@ -295,7 +362,7 @@ def broken_dataset(folder: Path) -> tuple[str, set[int], int]:
               ("s00002", {"jpg": truncated_jpeg, "cls": b"2"}),  # opens, fails at decode
               ("s00003", {"png": id_png(3)}),  # no label
               ("s00004", {"png": id_png(4), "cls": b"four"}),  # non-integer label
-              ("s00005", {"png": id_png(5), "cls": b"12"})]  # label >= num_classes
+              ("s00005", {"txt": b"no image here", "cls": b"5"})]  # no image
     shard1 = [sample(i) for i in range(6, 11)]  # will be cut inside sample 8's image
     shard2 = [sample(i) for i in range(11, 15)]  # will be deleted
     shard3 = [sample(i) for i in range(15, 20)] + [("s00020", {"cls": b"0"})]  # last has no image
@@ -330,20 +397,20 @@ def test_bad_data_never_breaks_training_batches(tmp_path: Path) -> None:
     # 21 listed samples -> 5 batches of 4; only 10 pass the label/image checks, so the slot
     # reads on, wrapping around, to fill its quota
     runs = [epoch_batches(pattern, workers=w, start_batch=s) for w, s in ((0, 0), (0, 0), (0, 3), (2, 0))]
-    assert len(runs[0]) == 5 and all(images.shape == (4, 3, 16, 16) for images, _, _ in runs[0])
+    assert len(runs[0]) == 5 and all(images.shape == (4, 3, 16, 16) for images, *_ in runs[0])
     assert same_batches(runs[0], runs[1]) and same_batches(runs[0][3:], runs[2])
-    ids = [i for images, _, _ in runs[0] for i in ids_of(images)]
+    ids = [i for images, *_ in runs[0] for i in ids_of(images)]
     assert set(ids) <= good  # undecodable images were replaced by decodable ones of their batch
-    assert all(int(t) == i % NUM_CLASSES for images, targets, _ in runs[0]
+    assert all(int(t) == i % NUM_CLASSES for images, targets, *_ in runs[0]
                for i, t in zip(ids_of(images), targets))
-    assert sum(s for _, _, s in runs[0]) >= 11 and len(runs[3]) == 5  # >= one lap of bad samples
+    assert sum(s for _, _, s, _ in runs[0]) >= 11 and len(runs[3]) == 5  # >= one lap of bad samples
 
 
 def test_a_batch_with_no_decodable_image_keeps_its_shape(tmp_path: Path) -> None:
     urls = id_shards(tmp_path, "train", [4])
     plan = build_train_loader(urls, batch_size=2, img_size=16, seed=0, epoch=0, workers=0).plan
-    chunk = [("a", b"junk", 1), ("b", b"\xff\xd8 also junk", 2)]
-    images, targets, failed = loaders._decode_train_batch(chunk, plan, Normalizer(plan.mean, plan.std))
+    chunk = [("a", b"junk", 1, 0), ("b", b"\xff\xd8 also junk", 2, 1)]
+    images, targets, failed, _ = train_loader._decode_train_batch(chunk, plan, Normalizer(plan.mean, plan.std))
     assert images.shape == (2, 3, 16, 16) and targets.tolist() == [1, 2] and failed == 2
     assert torch.isfinite(images).all()
 
@@ -377,8 +444,8 @@ def test_bundled_digits_shards_feed_both_loaders() -> None:
     train = build_train_loader(str(folder / "train-{000000..000007}.tar"), batch_size=64, img_size=32, seed=0,
                                epoch=0, workers=0)
     batches = list(train)
-    assert len(batches) == 22 and sum(s for _, _, s in batches) == 0
-    assert set(torch.cat([t for _, t, _ in batches]).tolist()) == set(range(10))
+    assert len(batches) == 22 and sum(s for _, _, s, _ in batches) == 0
+    assert set(torch.cat([t for _, t, *_ in batches]).tolist()) == set(range(10))
     val = build_val_loader(str(folder / "val-{000000..000001}.tar"), batch_size=256, img_size=32, crop_pct=1.0,
                            workers=0)
     assert sum(t.numel() for _, t, _ in val) == 360
@@ -404,7 +471,7 @@ def _ddp_job(rank: int, world: int, root: str) -> None:
     train = build_train_loader(f"{root}/train-*.tar", batch_size=4, img_size=16, seed=7, epoch=1, rank=rank,
                                world_size=world, workers=2)
     steps, train_ids = 0, []
-    for images, _, _ in train:
+    for images, *_ in train:
         dist.all_reduce(torch.ones(1))  # one collective per step as in DDP: unequal counts would hang
         steps += 1
         train_ids += ids_of(images)

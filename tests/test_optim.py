@@ -99,9 +99,14 @@ def schedule(decay=(30, 60, 90), warmup=0, epochs=100) -> ScheduleConfig:
     return ScheduleConfig(epochs=epochs, decay_epochs=list(decay), decay_rate=0.1, warmup_epochs=warmup)
 
 
+def at(step: int, steps_per_epoch: int) -> tuple[float, float]:
+    """The epoch progress a step covers when every step trains steps_per_epoch-th of an epoch."""
+    return step / steps_per_epoch, (step + 1) / steps_per_epoch
+
+
 def test_step_boundaries_are_at_the_milestone_not_before() -> None:
     opt = build_optimizer(nn.Linear(2, 2), SGD)
-    sched = build_scheduler(opt, schedule(), steps_per_epoch=100)
+    sched = build_scheduler(opt, schedule())
     assert sched.factor_at(0.0) == 1.0
     assert sched.factor_at(29.0) == 1.0 and sched.factor_at(29.999) == 1.0
     assert sched.factor_at(30.0) == pytest.approx(0.1, rel=1e-12)
@@ -109,15 +114,15 @@ def test_step_boundaries_are_at_the_milestone_not_before() -> None:
     assert sched.factor_at(60.0) == pytest.approx(0.01, rel=1e-12)
     assert sched.factor_at(90.0) == pytest.approx(1e-3, rel=1e-12)
     # per step: the last step of epoch 29 and the first of epoch 30
-    assert sched.step(30 * 100 - 1) == 0.1
-    assert sched.step(30 * 100) == pytest.approx(0.01, rel=1e-12)
+    assert sched.step(*at(30 * 100 - 1, 100)) == 0.1
+    assert sched.step(*at(30 * 100, 100)) == pytest.approx(0.01, rel=1e-12)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.01, rel=1e-12)
 
 
 def test_linear_warmup_is_per_step() -> None:
     opt = build_optimizer(nn.Linear(2, 2), SGD)
-    sched = build_scheduler(opt, schedule(decay=[5], warmup=2, epochs=10), steps_per_epoch=10)
-    lrs = [sched.step(s) for s in range(60)]
+    sched = build_scheduler(opt, schedule(decay=[5], warmup=2, epochs=10))
+    lrs = [sched.step(*at(s, 10)) for s in range(60)]
     assert lrs[0] == pytest.approx(0.1 / 20)  # first step is not wasted at lr 0
     assert lrs[9] == pytest.approx(0.1 * 10 / 20)
     assert lrs[19] == pytest.approx(0.1) and lrs[20] == pytest.approx(0.1)
@@ -128,20 +133,32 @@ def test_linear_warmup_is_per_step() -> None:
 def test_every_group_follows_the_schedule() -> None:
     cfg = OptimConfig(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4, wd_on_norm_and_bias=False)
     opt = build_optimizer(HRNetNamed(), cfg)
-    sched = build_scheduler(opt, schedule(decay=[1]), steps_per_epoch=4)
-    sched.step(4)
+    sched = build_scheduler(opt, schedule(decay=[1]))
+    sched.step(*at(4, 4))
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.02)] * 2
 
 
-def test_resume_needs_only_the_global_step() -> None:
+def test_resume_needs_only_the_epoch_progress() -> None:
     """A rebuilt scheduler at step k gives what an uninterrupted one gives, whatever the
     loaded optimizer state says about lr."""
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, SGD)
-    sched = build_scheduler(opt, schedule(decay=[2, 3], epochs=4), steps_per_epoch=7)
-    uninterrupted = [sched.step(s) for s in range(28)]
+    sched = build_scheduler(opt, schedule(decay=[2, 3], epochs=4))
+    uninterrupted = [sched.step(*at(s, 7)) for s in range(28)]
     state = opt.state_dict()  # saved with the lr of step 27
     opt2 = build_optimizer(model, SGD)
-    sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4), steps_per_epoch=7)
+    sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4))
     opt2.load_state_dict(state)
-    assert [sched2.step(s) for s in range(15, 28)] == uninterrupted[15:]
+    assert [sched2.step(*at(s, 7)) for s in range(15, 28)] == uninterrupted[15:]
+
+
+def test_the_lr_of_a_sample_does_not_depend_on_the_global_batch() -> None:
+    """Warm-up over 1 epoch then /10 at 1: 8 steps of 32 samples or 2 steps of 128 give the
+    lr each sample is trained at, up to the step it falls in (the warm-up rises per step)."""
+    opt = build_optimizer(nn.Linear(2, 2), SGD)
+    sched = build_scheduler(opt, schedule(decay=[1], warmup=1, epochs=3))
+    small = [sched.step(*at(s, 8)) for s in range(16)]
+    large = [sched.step(*at(s, 2)) for s in range(4)]
+    assert small[7] == large[1] == pytest.approx(0.1)  # the step ending epoch 0
+    assert small[3] == large[0] == pytest.approx(0.05)  # both end at half an epoch
+    assert small[8:] == [pytest.approx(0.01)] * 8 and large[2:] == [pytest.approx(0.01)] * 2

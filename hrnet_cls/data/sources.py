@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 INFO_NAME = "_info.json"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # sample extensions tried, in this order
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # pipe:, http://, s3://, ...
-RawSample = tuple[str, bytes, int]  # (key, encoded image, class index)
+RawSample = tuple[str, bytes, int, int]  # (key, encoded image, class index, position in the sequence read)
 T = TypeVar("T")
 
 
@@ -194,6 +194,11 @@ def shard_lengths(urls: Sequence[str]) -> list[int]:
     return [count_samples(url) if n is None else n for url, n in zip(urls, lengths)]
 
 
+def info_num_classes(urls: Sequence[str]) -> int | None:
+    """The class count the _info.json beside these shards states, or None (no index, or no count)."""
+    return num_classes_of(read_info(list(urls)), None)
+
+
 def num_classes_of(info: dict | None, given: int | None) -> int | None:
     if given is not None or not info:
         return given
@@ -207,11 +212,17 @@ def num_classes_of(info: dict | None, given: int | None) -> int | None:
 
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of one shard, counted in tar order."""
+    """Samples [start, stop) of one shard, counted in tar order; sample i of the shard is at
+    position ``base + i`` of the sequence of samples being read (an epoch's, for training)."""
 
     url: str
     start: int
     stop: int
+    base: int = 0
+
+
+class LabelError(ValueError):
+    """A label outside 0..num_classes-1: the data and model.num_classes disagree (never skipped)."""
 
 
 @dataclass
@@ -229,8 +240,12 @@ def _handler(stage: str, url: str) -> Callable[[Exception], bool]:
     return handle
 
 
-def _check_sample(sample: dict, num_classes: int | None) -> RawSample | str:
-    """(key, image bytes, class index), or why the sample is unusable."""
+def _check_sample(sample: dict, num_classes: int | None, url: str) -> tuple[str, bytes, int] | str:
+    """(key, image bytes, class index), or why the sample is unusable.
+
+    A label outside 0..num_classes-1 raises LabelError: skipping it would quietly train or
+    validate on part of the data (e.g. half of it with num_classes set too small).
+    """
     key = sample.get("__key__", "?")
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:
@@ -242,7 +257,9 @@ def _check_sample(sample: dict, num_classes: int | None) -> RawSample | str:
     except ValueError:
         return f"{key}: label {bytes(sample['cls'][:20])!r} is not an integer"
     if target < 0 or (num_classes is not None and target >= num_classes):
-        return f"{key}: label {target} outside 0..{(num_classes or 0) - 1}"
+        span = f"0..{num_classes - 1} (num_classes={num_classes})" if num_classes is not None else "0.."
+        raise LabelError(f"{url}: sample {key}: label {target} outside {span}; the data and the model's "
+                         "number of classes disagree")
     return key, image, target
 
 
@@ -263,12 +280,12 @@ def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter) ->
             if index < seg.start:
                 continue
             seen += 1
-            raw = _check_sample(sample, num_classes)
-            if isinstance(raw, str):
-                warn("%s: %s; skipped", seg.url, raw)
+            checked = _check_sample(sample, num_classes, seg.url)
+            if isinstance(checked, str):
+                warn("%s: %s; skipped", seg.url, checked)
                 skipped.n += 1
                 continue
-            yield raw
+            yield (*checked, seg.base + index)
     finally:
         with contextlib.suppress(Exception):
             stream.close()

@@ -1,0 +1,334 @@
+"""The training loader: a deterministic, resumable plan of one epoch's batches per rank.
+
+Positions: the shards, in an order permuted per (seed, epoch), are laid end to end; a
+sample's *position* is its index in that sequence. Positions do not depend on the world
+size or the worker count, so the samples an interrupted epoch has trained on are a set of
+positions that any other layout can continue from (docs/design.md §5.4).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from hrnet_cls.data.sources import (
+    RawSample,
+    Segment,
+    SkipCounter,
+    chunks,
+    expand_urls,
+    num_classes_of,
+    read_info,
+    read_segment,
+    shard_lengths,
+    shuffle_buffer,
+    warn,
+)
+from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, sample_rng, train_crop
+from hrnet_cls.data.workers import check_common, make_loader, stop_workers
+
+logger = logging.getLogger(__name__)
+
+# images (B, 3, S, S), targets (B,), skipped samples, positions (B,) int64 numpy: a host-side
+# record that never goes to the device (reading it costs no sync)
+TrainBatch = tuple[torch.Tensor, torch.Tensor, int, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """Everything that determines one rank's training batches for one epoch."""
+
+    urls: tuple[str, ...]
+    lengths: tuple[int, ...]
+    batch_size: int
+    img_size: int
+    seed: int
+    epoch: int
+    rank: int
+    world_size: int
+    slots: int  # reader slots per rank = max(1, DataLoader workers)
+    start_batch: int
+    buffer: int
+    num_classes: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    hflip: float
+    exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
+
+    @property
+    def samples(self) -> int:
+        """Positions in the epoch's sequence."""
+        return sum(self.lengths)
+
+    def excluded(self) -> np.ndarray:
+        """bool (samples,): positions this plan leaves out."""
+        if not self.exclude:
+            return np.zeros(self.samples, dtype=bool)
+        return np.unpackbits(np.frombuffer(self.exclude, dtype=np.uint8), count=self.samples).astype(bool)
+
+    @functools.cached_property
+    def before(self) -> int:
+        """Samples of the epoch trained on before this plan (those it excludes)."""
+        return int(self.excluded().sum()) if self.exclude else 0
+
+    @property
+    def batches(self) -> int:
+        """Batches per rank in this plan: the same on every rank."""
+        return (self.samples - self.before) // (self.batch_size * self.world_size)
+
+    def slot_batches(self, slot: int) -> int:
+        """Rank batches b in [0, batches) with b % slots == slot."""
+        return max(0, (self.batches - slot + self.slots - 1) // self.slots)
+
+    def slot_start(self, slot: int) -> int:
+        """Position where the slot's stretch begins: the stretches of all (rank, slot) pairs
+        cut the plan's positions (those not excluded) into consecutive runs."""
+        before = (self.rank * self.batches + sum(self.slot_batches(s) for s in range(slot))) * self.batch_size
+        if not self.exclude:
+            return before
+        available = np.flatnonzero(~self.excluded())
+        return int(available[before]) if before < len(available) else self.samples
+
+    def shard_order(self) -> list[int]:
+        order = list(range(len(self.urls)))
+        sample_rng(self.seed, self.epoch, "shards").shuffle(order)
+        return order
+
+
+def _cyclic_segments(plan: TrainPlan, start: int) -> Iterator[Segment]:
+    """Segments from position ``start`` on in the epoch's sequence, wrapping around forever."""
+    order = [i for i in plan.shard_order() if plan.lengths[i] > 0]
+    bases, pos = [], 0
+    for i in order:
+        bases.append(pos)
+        pos += plan.lengths[i]
+    first = next((k for k, i in enumerate(order) if bases[k] + plan.lengths[i] > start), 0)
+    i = order[first]
+    yield Segment(plan.urls[i], max(0, start - bases[first]), plan.lengths[i], bases[first])
+    while True:
+        for k in list(range(first + 1, len(order))) + list(range(first + 1)):
+            yield Segment(plan.urls[order[k]], 0, plan.lengths[order[k]], bases[k])
+
+
+def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[RawSample]:
+    """Exactly the slot's quota of usable samples, read from its stretch on, leaving out the
+    excluded positions (read past without decoding) and reading on past bad samples."""
+    quota = plan.slot_batches(slot) * plan.batch_size
+    excluded = plan.excluded() if plan.exclude else None
+    got, fruitless = 0, 0
+    if quota == 0:
+        return
+    for seg in _cyclic_segments(plan, plan.slot_start(slot)):
+        before = got
+        for raw in read_segment(seg, plan.num_classes, skipped):
+            if excluded is not None and excluded[raw[3]]:
+                continue
+            yield raw
+            got += 1
+            if got == quota:
+                return
+        fruitless = 0 if got > before else fruitless + 1
+        if fruitless > len(plan.urls):  # a whole lap without one usable sample
+            raise RuntimeError(f"no usable sample in any of the {len(plan.urls)} training shards "
+                               f"(e.g. {plan.urls[0]}); check the files")
+
+
+def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Normalizer) -> TrainBatch:
+    """(images (B, 3, S, S) float32, targets (B,) int64, images that failed to decode, positions (B,))."""
+    images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size)
+    targets = torch.tensor([raw[2] for raw in chunk], dtype=torch.int64)
+    positions = np.array([raw[3] for raw in chunk], dtype=np.int64)
+    kw = dict(scale=plan.scale, ratio=plan.ratio, hflip=plan.hflip, interpolation=plan.interpolation)
+    good, failed = [], []
+    for i, (key, data, _, _) in enumerate(chunk):
+        try:
+            normalize(train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw), images[i])
+            good.append(i)
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
+            warn("sample %s: image does not decode (%r); replaced by another of its batch", key, exc)
+            failed.append(i)
+    for n, i in enumerate(failed):
+        if not good:  # the whole batch is undecodable: black images keep the batch shape
+            normalize(torch.zeros(3, plan.img_size, plan.img_size, dtype=torch.uint8), images[i])
+            continue
+        key, data, target, _ = chunk[good[n % len(good)]]
+        rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
+        normalize(train_crop(data, plan.img_size, rng, **kw), images[i])
+        targets[i] = target
+    return images, targets, len(failed), positions
+
+
+def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
+    """(rank batch index, batch) for one slot, from start_batch on."""
+    skipped = SkipCounter()
+    rng = sample_rng(plan.seed, plan.epoch, plan.rank, slot, "buffer")
+    stream = shuffle_buffer(_slot_stream(plan, slot, skipped), plan.buffer, rng)
+    normalize = Normalizer(plan.mean, plan.std)
+    first = max(0, -(-(plan.start_batch - slot) // plan.slots))  # local batches before start_batch
+    reported = 0
+    for local, chunk in enumerate(chunks(stream, plan.batch_size)):
+        # skips are charged to the batch whose reading met them: the same with or without resume
+        new_skips, reported = skipped.n - reported, skipped.n
+        if local < first:
+            continue  # cut from raw bytes, never decoded
+        images, targets, failed, positions = _decode_train_batch(chunk, plan, normalize)
+        # as bytes: a DataLoader would make an array a tensor; kept out of torch, the training loop reads
+        # no tensor per step (bench/train.py counts every such read)
+        yield local * plan.slots + slot, (images, targets, new_skips + failed, positions.tobytes())
+
+
+class _TrainStream(IterableDataset):
+    def __init__(self, plan: TrainPlan) -> None:
+        super().__init__()
+        self.plan = plan
+
+    def __iter__(self) -> Iterator[tuple[int, tuple]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # DataLoader asks workers 0, 1, ... in turn: worker 0 must hold batch start_batch
+        yield from _slot_batches(self.plan, (worker + self.plan.start_batch) % self.plan.slots)
+
+
+class TrainLoader:
+    """One rank's training batches for one epoch: ``(images, targets, skipped, positions)``.
+
+    ``len()`` is the number of batches still to come, the same on every rank. ``consumed``
+    (bool per position) marks what this rank has trained on in the epoch: a batch is marked
+    when it is handed out, and the training loop saves only between steps, when every batch
+    handed out has been trained on.
+    """
+
+    def __init__(self, plan: TrainPlan, workers: int, pin_memory: bool = False) -> None:
+        self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
+        self.consumed = plan.excluded()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.plan.batches
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, consumed: np.ndarray | None = None,
+                  exclude: np.ndarray | None = None) -> None:
+        """Target ``epoch`` from ``start_batch`` on; ``consumed``: the positions the batches before
+        start_batch trained on (bookkeeping only). ``exclude``: instead, a remainder plan over
+        the positions not yet trained on, for a resume under another layout (start_batch 0)."""
+        packed = b"" if exclude is None else np.packbits(exclude).tobytes()
+        plan = dataclasses.replace(self.plan, epoch=epoch, start_batch=0, exclude=packed)
+        _check_start(start_batch, plan.batches)
+        if exclude is not None and start_batch:
+            raise ValueError("a remainder plan (exclude=...) starts at its batch 0")
+        self.plan = dataclasses.replace(plan, start_batch=start_batch)
+        self.consumed = plan.excluded() if consumed is None else consumed.copy()
+
+    def progress(self, batch: int) -> tuple[float, float]:
+        """(epoch progress before, after) rank batch ``batch`` of this plan: epoch + the fraction
+        of the epoch's samples trained on, counted in samples, whatever the world size."""
+        total = self.plan.before + self.plan.batches * self.plan.batch_size * self.plan.world_size
+        step = self.plan.batch_size * self.plan.world_size
+        done = self.plan.before + batch * step
+        return self.plan.epoch + done / total, self.plan.epoch + (done + step) / total
+
+    def layout(self) -> dict:
+        """What fixes which batch holds which samples, besides seed and epoch."""
+        p = self.plan
+        return {"world_size": p.world_size, "slots": p.slots, "batch_size": p.batch_size,
+                "shards": [[os.path.basename(u), n] for u, n in zip(p.urls, p.lengths)]}
+
+    def state(self, consumed: np.ndarray | None) -> dict:
+        """The data position for a checkpoint: this plan's layout, how many samples it excludes,
+        and ``consumed`` (the positions all ranks together trained on this epoch; None at an
+        epoch end) as packed bits in a uint8 tensor."""
+        packed = None if consumed is None else torch.from_numpy(np.packbits(consumed))
+        return {"layout": self.layout(), "before": self.plan.before, "consumed": packed}
+
+    def resume(self, epoch: int, batch_in_epoch: int, saved: dict | None) -> str:
+        """Position the loader where a checkpoint stopped; returns how, in one line.
+
+        Same layout: the same batches from batch_in_epoch on, bit-identical to an
+        uninterrupted run. Another layout mid-epoch: a remainder plan over the samples of
+        the epoch not trained on yet, so nothing is replayed or left out (beyond the last
+        partial global batch), though batches are grouped differently.
+        """
+        if batch_in_epoch == 0 or saved is None or saved.get("consumed") is None:
+            self.set_epoch(epoch, start_batch=batch_in_epoch)
+            return f"epoch {epoch}, batch {batch_in_epoch}"
+        theirs, ours = saved["layout"], self.layout()
+        if theirs["shards"] != ours["shards"]:
+            raise ValueError(f"data.train_shards: the checkpoint stopped inside epoch {epoch} of other shards "
+                             f"({len(theirs['shards'])} named shards, {sum(n for _, n in theirs['shards'])} samples; "
+                             f"now {len(ours['shards'])}, {self.plan.samples}); resume with the same shards")
+        consumed = np.unpackbits(saved["consumed"].numpy(), count=self.plan.samples).astype(bool)
+        if theirs == ours and saved["before"] == 0:
+            self.set_epoch(epoch, start_batch=batch_in_epoch, consumed=consumed)
+            return f"epoch {epoch}, batch {batch_in_epoch}"
+        self.set_epoch(epoch, exclude=consumed)
+        was = f"{theirs['world_size']} x {theirs['batch_size']} (workers {theirs['slots']})"
+        now = f"{ours['world_size']} x {ours['batch_size']} (workers {ours['slots']})"
+        return (f"epoch {epoch} part-way under another layout ({was} then, {now} now): training on its "
+                f"{self.plan.samples - self.plan.before} samples not yet seen, {self.plan.batches} batches; exact "
+                "in samples and lr, not bit-identical to an uninterrupted run")
+
+    def __len__(self) -> int:
+        return self.plan.batches - self.plan.start_batch
+
+    def __iter__(self) -> Iterator[TrainBatch]:
+        expected, held = self.plan.start_batch, {}
+        batches = iter(make_loader(_TrainStream(self.plan), self.workers, self.pin_memory))
+        try:
+            for index, batch in batches:
+                held[index] = batch
+                while expected in held:  # the round robin already yields in order; this guards it
+                    images, targets, skipped, packed = held.pop(expected)
+                    positions = np.frombuffer(packed, dtype=np.int64)
+                    self.consumed[positions] = True
+                    yield images, targets, int(skipped), positions
+                    expected += 1
+        finally:
+            stop_workers(batches)  # now, also when a stop or an error ends the epoch early
+        if expected != self.plan.batches:
+            raise RuntimeError(f"training loader stopped at batch {expected} of {self.plan.batches}")
+
+
+def _check_start(start_batch: int, batches: int) -> None:
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch={start_batch} outside 0..{batches} (batches per epoch)")
+
+
+def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: int, seed: int, epoch: int,
+                       rank: int = 0, world_size: int = 1, workers: int = 2, start_batch: int = 0,
+                       mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
+                       shuffle_buffer: int = 1000, num_classes: int | None = None,
+                       interpolation: str = "bilinear", scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                       pin_memory: bool = False) -> TrainLoader:
+    """Training batches of RandomResizedCrop(img_size) + flip + normalise for one rank.
+
+    ``start_batch=k`` yields batches k, k+1, ... of the epoch, bit-identical to those of an
+    uninterrupted run (resume after a kill). ``num_classes`` (default: from _info.json)
+    bounds valid labels: one outside it raises LabelError. ``shuffle_buffer`` is in samples
+    per worker (memory: that many encoded images, ~110 KB each for ImageNet).
+    """
+    check_common(batch_size, img_size, rank, world_size, workers, interpolation)
+    shard_urls = expand_urls(urls)
+    info = read_info(shard_urls)
+    plan = TrainPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size, seed,
+                     epoch, rank, world_size, max(1, workers), start_batch, max(1, shuffle_buffer),
+                     num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation,
+                     tuple(scale), tuple(ratio), hflip)
+    if plan.batches == 0:
+        raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
+                         f"on each of {world_size} process(es); lower the batch size")
+    _check_start(start_batch, plan.batches)
+    if len(shard_urls) < world_size * plan.slots:
+        logger.info("%d training shards for %d reader slots (processes x workers): slots share shards, "
+                    "each reading its own part", len(shard_urls), world_size * plan.slots)
+    return TrainLoader(plan, workers, pin_memory)
