@@ -12,24 +12,27 @@ Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so ti
     epoch           epoch to resume in, 0-based (= number of completed epochs when
                     batch_in_epoch is 0)
     batch_in_epoch  batches of that epoch already trained on (0 at an epoch boundary)
-    step            global optimizer steps taken; the LR schedule is a function of it
+    step            global optimizer steps taken (the LR schedule follows samples, not steps)
     rng             one capture_rng() dict per rank, indexed by rank
     config          config_to_dict(cfg) of the run
     model_name      timm model name
     git_commit      commit hash (+ "-dirty"), or None outside a git checkout
     metrics         dict of the latest metrics, e.g. {"val_top1": 76.9}
     best_metric     best metric so far (written by CheckpointManager)
+    data            TrainLoader.state(): the loader layout (world size, workers, batch, shards), the
+                    samples its plan excluded, and the positions trained on in this epoch (packed
+                    bits; None at an epoch end), from which any layout can continue
 
 Files in output_dir: last.pth (every save), best.pth (best metric), epoch_XXXX.pth (the k
-newest epoch ends; XXXX = 0-based index of the finished epoch, as in summary.csv).
+newest epoch ends; XXXX = 0-based index of the finished epoch, as in summary.csv), each an
+independent file with its NAME.sha256 beside it; resume=auto takes the newest one whose
+checksum matches.
 """
 from __future__ import annotations
 
 import logging
-import os
 import random
 import subprocess
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from timm.models import clean_state_dict  # strips DDP 'module.' / torch.compile
 from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile and EMA wrappers
 from torch import nn
 
+from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, verify, write_atomic
 from hrnet_cls.weights import read_file
 
 logger = logging.getLogger(__name__)
@@ -108,6 +112,7 @@ def build_state(
     model_ema: nn.Module | None = None,
     scaler: torch.amp.GradScaler | None = None,
     rng: list[dict[str, Any]] | None = None,
+    data: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict described in the module docstring.
 
@@ -130,6 +135,7 @@ def build_state(
         "model_name": config.get("model", {}).get("name", type(unwrap_model(model)).__name__),
         "git_commit": git_commit(),
         "metrics": dict(metrics or {}),
+        "data": data,
     }
 
 
@@ -140,8 +146,13 @@ def restore_state(
     scaler: torch.amp.GradScaler | None = None,
     model_ema: nn.Module | None = None,
     rank: int = 0,
+    world_size: int | None = None,
 ) -> None:
-    """Load a checkpoint dict back into the training objects (strict) and this rank's RNG."""
+    """Load a checkpoint dict back into the training objects (strict) and this rank's RNG.
+
+    The RNG states (dropout, drop path) are restored only when the checkpoint has one per rank
+    of this world size; otherwise the caller's seeding stands (the data order does not use them).
+    """
     unwrap_model(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -153,60 +164,19 @@ def restore_state(
             logger.warning("checkpoint has no EMA weights; the EMA starts from the model weights")
         ema_module.load_state_dict(state.get("model_ema") or state["model"])
     rngs = state.get("rng") or []
-    if rank < len(rngs):
+    if len(rngs) == (world_size or len(rngs)) and rank < len(rngs):
         restore_rng(rngs[rank])
-    else:
-        logger.warning("checkpoint holds RNG states for %d ranks, none for rank %d; RNG not restored", len(rngs), rank)
+    elif rank == 0:
+        logger.info("checkpoint holds RNG states for %d process(es), this run has %s: dropout and drop-path "
+                    "draws start afresh", len(rngs), world_size)
 
 
-# ---------------------------------------------------------------- atomic files
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(file) on a temp file in path's directory, fsync it, rename it onto path.
-
-    A crash at any point leaves either the old file or the new one, never a mix; temp
-    files are dot-files ending in .tmp, which nothing here treats as a checkpoint.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+# ---------------------------------------------------------------- files
 
 
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """torch.save state to path atomically (see _atomic_write)."""
-    _atomic_write(Path(path), lambda f: torch.save(dict(state), f))
-
-
-def _atomic_link(src: Path, dst: Path) -> None:
-    """Make dst another name for src's bytes (hard link; copy where links are unsupported)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        _atomic_write(dst, lambda f: f.write(src.read_bytes()))
-        return
-    os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    """torch.save state to path atomically, with its sha256 beside it (hrnet_cls.atomic)."""
+    write_atomic(Path(path), lambda f: torch.save(dict(state), f), checksum=True)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
@@ -223,32 +193,52 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
 # ---------------------------------------------------------------- resume
 
 
-def _candidates(output_dir: Path) -> list[Path]:
+class ResumeError(RuntimeError):
+    """Checkpoints exist but none can be resumed from; the message lists what was tried."""
+
+
+def run_files(output_dir: Path) -> list[Path]:
     """Checkpoint files in output_dir (never the .tmp files of an interrupted save)."""
-    names = [output_dir / "last.pth", *output_dir.glob("epoch_[0-9]*.pth"), output_dir / "best.pth"]
+    names = [output_dir / "last.pth", *sorted(output_dir.glob("epoch_[0-9]*.pth")), output_dir / "best.pth"]
     return [p for p in names if p.is_file()]
 
 
-def _readable_steps(output_dir: Path) -> list[tuple[int, Path]]:
-    """(stored step, path) of every checkpoint that loads, newest first; warns on the rest.
-
-    mmap keeps this cheap: tensors are mapped, not read. Ties prefer last.pth.
-    """
-    found = []
-    for order, path in enumerate(_candidates(output_dir)):
-        try:
-            step = int(load_checkpoint(path, mmap=True)["step"])
-        except Exception as e:  # truncated zip, garbage, foreign dict: all mean "skip it"
-            logger.warning("skipping unreadable checkpoint %s: %s", path, " ".join(str(e).split())[:200])
-            continue
-        found.append((step, -order, path))
-    return [(step, path) for step, _, path in sorted(found, reverse=True)]
+def _check(path: Path) -> str:
+    """'' when path's contents verify (checksum; a full load for files without one), else why not."""
+    ok = verify(path)
+    if ok is False:
+        return "contents do not match its .sha256 (corrupt or half-written)"
+    try:
+        load_checkpoint(path, mmap=ok is True)  # verified bytes: the pickle is all that is left to read
+    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a foreign dict: all mean "not this one"
+        return " ".join(str(e).split())[:160]
+    return ""
 
 
 def find_resume(output_dir: str | Path) -> Path | None:
-    """The newest (by stored step) checkpoint in output_dir that loads, or None."""
-    found = _readable_steps(Path(output_dir))
-    return found[0][1] if found else None
+    """The newest (by stored step) checkpoint in output_dir whose contents verify; None when
+    there is no checkpoint at all. Raises ResumeError when there are some and none verifies:
+    starting from scratch would overwrite a run."""
+    output_dir, tried, found = Path(output_dir), [], []
+    for order, path in enumerate(run_files(output_dir)):
+        try:
+            step = int(load_checkpoint(path, mmap=True)["step"])  # the pickle only: cheap
+        except Exception as e:  # noqa: BLE001 - checked in full below
+            tried.append(f"{path.name}: {' '.join(str(e).split())[:160]}")
+            continue
+        found.append((step, -order, path))  # ties prefer last.pth
+    for step, _, path in sorted(found, reverse=True):
+        problem = _check(path)
+        if not problem:
+            if tried:
+                logger.warning("resuming from %s (step %d); skipped: %s", path, step, "; ".join(tried))
+            return path
+        tried.append(f"{path.name}: {problem}")
+    if tried:
+        raise ResumeError(f"checkpoint.resume=auto: no checkpoint in {output_dir} can be resumed from "
+                          f"({'; '.join(tried)}); fix or move them, or start a new run in another "
+                          "checkpoint.output_dir")
+    return None
 
 
 def resume_path(resume: str, output_dir: str | Path) -> Path | None:
@@ -268,14 +258,18 @@ def resume_path(resume: str, output_dir: str | Path) -> Path | None:
 
 
 class CheckpointManager:
-    """Writes last/best/epoch checkpoints of one run; use on the main rank only."""
+    """Writes last/best/epoch checkpoints of one run; use on the main rank only, under its RunLock.
+
+    Every name has its own storage: epoch_XXXX.pth and best.pth are copies of last.pth, not
+    links, so a corrupted or truncated file takes no other with it.
+    """
 
     def __init__(self, output_dir: str | Path, keep: int):
         self.output_dir = Path(output_dir)
         self.keep = keep  # epoch_XXXX.pth files kept besides last.pth and best.pth
         self.best_metric: float | None = None  # higher is better (top-1)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.output_dir.glob(".*.tmp"):  # left by a save that was killed
+        for stale in stale_temps(self.output_dir):  # left by a save of a process that is gone
             logger.info("removing %s left by an interrupted save", stale)
             stale.unlink(missing_ok=True)
 
@@ -292,10 +286,10 @@ class CheckpointManager:
         if epoch_end and self.keep > 0:
             if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
                 raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
-            _atomic_link(last, self.output_dir / f"epoch_{state['epoch'] - 1:04d}.pth")
+            copy_atomic(last, self.output_dir / f"epoch_{state['epoch'] - 1:04d}.pth")
             self._prune()
         if improved:
-            _atomic_link(last, self.output_dir / "best.pth")
+            copy_atomic(last, self.output_dir / "best.pth")
             logger.info("new best metric %.4f, saved %s", metric, self.output_dir / "best.pth")
         return last
 
@@ -303,3 +297,4 @@ class CheckpointManager:
         epochs = sorted(self.output_dir.glob("epoch_[0-9]*.pth"))
         for old in epochs[: max(0, len(epochs) - self.keep)]:
             old.unlink(missing_ok=True)
+            sidecar(old).unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from torch import nn
 from conftest import same_weights, tiny_model
 from hrnet_cls.checkpoint import (
     CheckpointManager,
+    ResumeError,
     build_state,
     capture_rng,
     find_resume,
@@ -109,7 +110,7 @@ def test_failed_save_keeps_previous_file(tmp_path, model) -> None:
     with pytest.raises(RuntimeError, match="disk full"):
         save_checkpoint(path, make_state(model, epoch=2, step=20, boom=ExplodesWhenPickled()))
     assert load_checkpoint(path)["step"] == 10
-    assert sorted(os.listdir(tmp_path)) == ["last.pth"]  # the temp file was removed
+    assert sorted(os.listdir(tmp_path)) == ["last.pth", "last.pth.sha256"]  # the temp file was removed
 
 
 # The child writes a checkpoint whose pickling blocks after the temp file is open; the
@@ -172,15 +173,22 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, model, caplog) -> None:
     manager = CheckpointManager(tmp_path, keep=3)
     for epoch in (1, 2, 3):
         manager.save(make_state(model, epoch=epoch, step=epoch * 100))
-    # Truncate in place: last.pth and epoch_0002.pth share the inode, so both break.
+    # Truncate last.pth in place: epoch_0002.pth holds the same state in its own storage.
     data = (tmp_path / "last.pth").read_bytes()
     with open(tmp_path / "last.pth", "r+b") as f:
         f.truncate(len(data) // 2)
-    (tmp_path / "epoch_0001.pth").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.checkpoint"):
+        assert find_resume(tmp_path) == tmp_path / "epoch_0002.pth"
+    (tmp_path / "epoch_0002.pth").write_bytes(b"not a checkpoint")
+    (tmp_path / "epoch_0001.pth").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit
     with caplog.at_level(logging.WARNING, logger="hrnet_cls.checkpoint"):
         assert find_resume(tmp_path) == tmp_path / "epoch_0000.pth"
         assert load_checkpoint(resume_path("auto", tmp_path))["step"] == 100
     assert "last.pth" in caplog.text and "epoch_0002.pth" in caplog.text and "epoch_0001.pth" in caplog.text
+    for path in tmp_path.glob("*.pth"):
+        path.write_bytes(b"garbage")
+    with pytest.raises(ResumeError, match=r"no checkpoint in .* can be resumed from \(last.pth: .*epoch_0000.pth"):
+        find_resume(tmp_path)
 
 
 def test_resume_modes(tmp_path, model) -> None:

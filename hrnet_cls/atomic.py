@@ -1,0 +1,164 @@
+"""Files that are either the old version or the new one, never a mix, each with its checksum.
+
+A file is written under a temporary name in its own directory, fsync'ed, then renamed onto
+its name, and the directory is fsync'ed, so a crash, a killed process or a full disk leaves
+the previous version readable and the temp file is removed (docs/design.md §6.3). Temp names
+carry the writer's host and pid (``.last.pth.HOST.PID.XXXX.tmp``): clean-up removes only
+those proven stale, written on this host by a process that no longer exists.
+
+Checksums: ``write_atomic(..., checksum=True)`` hashes the bytes as they are written (no
+second read) and leaves ``NAME.sha256`` beside the file in ``sha256sum`` format, so
+``sha256sum -c last.pth.sha256`` checks it by hand. torch.load does not check its zip
+records' CRCs (a flipped byte in a tensor loads silently), so resume verifies the digest.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+HOST = socket.gethostname()
+_HOST_TAG = re.sub(r"[^A-Za-z0-9_-]", "_", HOST)  # a host name may hold dots; temp names may not
+_TEMP = re.compile(r"^\..+\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+_CHUNK = 1 << 22  # bytes per read when hashing or copying
+
+
+def sidecar(path: Path) -> Path:
+    """The checksum file of ``path``."""
+    return path.with_name(path.name + ".sha256")
+
+
+class _Hashing:
+    """A write-only file that hashes what goes through it and keeps the first OSError.
+
+    torch.save reports a failed write as "unexpected pos ..." from its zip writer; the
+    OSError seen here (ENOSPC, EDQUOT, EIO) is what the user needs to read.
+    """
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.hash, self.error = file, hashlib.sha256(), None
+
+    def write(self, data: Any) -> int:
+        try:
+            n = self.file.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        self.hash.update(data)
+        return n
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the directory entry itself must reach the disk."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 would hide checkpoints from the group
+
+
+def _temp(path: Path) -> tuple[int, str]:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, _MODE)
+    return fd, tmp
+
+
+def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
+    """(temp path, sha256 hex) of ``write``'s output, fsync'ed; the temp is removed on failure."""
+    fd, tmp = _temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            out = _Hashing(f)
+            try:
+                write(out)
+                f.flush()
+                os.fsync(f.fileno())
+            except Exception as exc:
+                if out.error is not None:  # the OS said why; torch's message would not
+                    raise OSError(out.error.errno, out.error.strerror, str(path)) from exc
+                raise
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp, out.hash.hexdigest()
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], checksum: bool = False) -> str:
+    """Call ``write(file)`` and put the result at ``path`` atomically; returns its sha256 hex.
+
+    checksum: also write ``path.sha256``, after the file (a crash in between leaves a file
+    whose checksum does not match: resume then falls back to an older checkpoint).
+    """
+    path = Path(path)
+    tmp, digest = _write_temp(path, write)
+    try:
+        side = _write_temp(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))[0] \
+            if checksum else None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    if side is not None:
+        os.replace(side, sidecar(path))
+    fsync_dir(path.parent)
+    return digest
+
+
+def copy_atomic(src: Path, dst: Path, checksum: bool = True) -> None:
+    """An independent copy of src at dst (own storage: corrupting one leaves the other intact)."""
+    with open(src, "rb") as f:
+        write_atomic(dst, lambda out: shutil.copyfileobj(f, out, _CHUNK), checksum=checksum)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path) -> bool | None:
+    """Whether path's bytes match its .sha256 file; None when it has none."""
+    try:
+        recorded = sidecar(path).read_text().split()[0]
+    except (OSError, IndexError):
+        return None
+    return file_sha256(path) == recorded
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def stale_temps(directory: Path) -> list[Path]:
+    """Temp files in directory left by dead writers on this host (safe to delete)."""
+    stale = []
+    for path in directory.glob(".*.tmp"):
+        match = _TEMP.match(path.name)
+        if match and match["host"] == _HOST_TAG and int(match["pid"]) != os.getpid() and not _alive(int(match["pid"])):
+            stale.append(path)
+    return stale
