@@ -9,8 +9,14 @@
 --config is a path or a file name in configs/; every key is documented in hrnet_cls/config.py.
 Each choice of the recipe is made below, once, when the training objects are built;
 hrnet_cls/engine.py then runs them. checkpoint.output_dir receives last.pth, best.pth,
-epoch_XXXX.pth, config.yaml and summary.csv; with checkpoint.resume=auto the same command
-continues from the newest valid checkpoint there (mid-epoch with checkpoint.save_interval).
+epoch_XXXX.pth (each with a .sha256), config.yaml and summary.csv; one run at a time holds
+it (.lock). With checkpoint.resume=auto the same command continues from the newest
+checkpoint that verifies, on any number of processes; SIGTERM, SIGUSR1 or SIGINT save at
+the next step and exit with status 75, so rerunning the command loses no step.
+
+Exit status: 0 trained (or the run had already finished), 1 an error while training (data,
+disk), 2 a config or output-directory error before anything was written, 3 a non-finite
+loss (the last good checkpoint is kept), 75 preempted by a signal (checkpoint saved).
 """
 from __future__ import annotations
 
@@ -22,22 +28,26 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from timm.utils import random_seed
 from torch import nn
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the HRNet-C models with timm
-from hrnet_cls.checkpoint import CheckpointManager, build_state, capture_rng, load_checkpoint, restore_state, resume_path
+from hrnet_cls.checkpoint import CheckpointManager, build_state, capture_rng, load_checkpoint, restore_state
 from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config, save_config
-from hrnet_cls.data import TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
-from hrnet_cls.distributed import (DistInfo, all_gather_object, broadcast_buffers, broadcast_object, cleanup,
-                                   init_distributed)
+from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
+from hrnet_cls.data.sources import info_num_classes
+from hrnet_cls.distributed import (DistInfo, all_gather_object, barrier, broadcast_buffers, broadcast_object,
+                                   cleanup, init_distributed)
 from hrnet_cls.engine import NonFiniteLossError, TrainParts, build_parts, train_one_epoch
-from hrnet_cls.evaluation import evaluate
+from hrnet_cls.evaluation import evaluate, one_line
 from hrnet_cls.precision import Precision
+from hrnet_cls.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from hrnet_cls.run_dir import PREEMPTED_MARKER, RunDirError, RunStart, open_run, os_error_line
 from hrnet_cls.tracking import Tracker
-from hrnet_cls.weights import init_from
+from hrnet_cls.weights import init_from, read_state_dict
 
 logger = logging.getLogger("train")
 
@@ -54,9 +64,13 @@ def preflight(cfg: Config) -> Precision:
     any output exists. Returns the precision resolved for this machine."""
     for key in ("train_shards", "val_shards"):
         try:
-            expand_urls(getattr(cfg.data, key))
-        except FileNotFoundError as e:
+            classes = info_num_classes(expand_urls(getattr(cfg.data, key)))
+        except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.{key}: {e}") from None
+        if classes is not None and classes != cfg.model.num_classes:  # else labels are checked as they are read
+            raise ConfigError(f"model.num_classes={cfg.model.num_classes}, but the _info.json of data.{key} "
+                              f"lists {classes} classes: set model.num_classes={classes} (model.init_from re-"
+                              "initialises a classifier of another size)")
     try:
         check_model_name(cfg.model.name)
     except ConfigError as e:
@@ -64,6 +78,12 @@ def preflight(cfg: Config) -> Precision:
     for key, path in (("model.init_from", cfg.model.init_from), ("checkpoint.resume", cfg.checkpoint.resume)):
         if path not in ("", "auto") and not Path(path).is_file():
             raise ConfigError(f"{key}: no checkpoint file {path!r}")
+    if cfg.model.init_from:
+        try:  # memory-mapped: the pickle and the zip index are read, which finds a truncated file
+            read_state_dict(cfg.model.init_from)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is this key's error
+            raise ConfigError(f"model.init_from {cfg.model.init_from}: cannot read weights: "
+                              f"{one_line(e).removeprefix(f'{cfg.model.init_from}: ')}") from None
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.sync_bn and device_type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.sync_bn=true needs CUDA: DDP runs SyncBatchNorm on GPUs only")
@@ -71,6 +91,25 @@ def preflight(cfg: Config) -> Precision:
         return Precision.of(cfg.train.precision, device_type)
     except ValueError as e:
         raise ConfigError(f"train.precision: {e}") from None
+
+
+def start_run(cfg: Config, info: DistInfo) -> RunStart:
+    """Rank 0 locks the output directory and decides where to start; every rank learns the
+    outcome, so a refusal stops all of them alike (RunDirError), before anything is written."""
+    outcome: tuple = ("error", "rank 0 did not decide")
+    run = RunStart(None)
+    if info.is_main:
+        try:
+            run = open_run(Path(cfg.checkpoint.output_dir), cfg.checkpoint.resume, cfg.schedule.epochs)
+            outcome = ("ok", run.resume, run.finished)
+        except RunDirError as e:
+            outcome = ("error", str(e))
+        except OSError as e:
+            outcome = ("error", os_error_line(e, "checkpoint.output_dir: cannot use"))
+    outcome = broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise RunDirError(outcome[1])
+    return RunStart(outcome[1], outcome[2], run.lock)
 
 
 def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
@@ -82,7 +121,11 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
                             drop_path_rate=cfg.model.drop_path_rate, **layout)
     if start_from:
         logger.info("initialising %s from %s", cfg.model.name, start_from)
-        init_from(net, start_from)  # a classifier of another num_classes keeps its fresh init
+        try:
+            init_from(net, start_from)  # a classifier of another num_classes keeps its fresh init
+        except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, another architecture
+            raise RunDirError(f"model.init_from {start_from}: cannot start from it: "
+                              f"{one_line(e).removeprefix(f'{start_from}: ')}") from None
     net.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.train.sync_bn and info.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -92,15 +135,21 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     return net.to(info.device, memory_format=fmt)
 
 
-def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, epoch: int, batch_in_epoch: int,
-         step: int, metrics: dict | None = None, metric: float | None = None) -> None:
-    """Collective: every rank adds its RNG state; rank 0 writes last.pth (+ epoch/best) atomically."""
-    rng = all_gather_object(capture_rng())
+def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, loader: TrainLoader, epoch: int,
+         batch_in_epoch: int, step: int, metrics: dict | None = None, metric: float | None = None) -> None:
+    """Collective: every rank adds its RNG state and the samples it trained on this epoch;
+    rank 0 writes last.pth (+ epoch/best) atomically."""
+    mine = (capture_rng(), np.packbits(loader.consumed) if batch_in_epoch else None)
+    gathered = all_gather_object(mine)
     if manager is None:
         return
+    consumed = None
+    if batch_in_epoch:  # the union of every rank's samples: a position any layout can continue from
+        consumed = np.unpackbits(np.bitwise_or.reduce([g[1] for g in gathered]), count=loader.plan.samples)
     state = build_state(model=parts.net, optimizer=parts.optimizer, epoch=epoch, step=step,
                         batch_in_epoch=batch_in_epoch, config=config_to_dict(cfg), metrics=metrics,
-                        model_ema=parts.ema.module, scaler=parts.scaler, rng=rng)
+                        model_ema=parts.ema.module, scaler=parts.scaler, rng=[g[0] for g in gathered],
+                        data=loader.state(consumed.astype(bool) if consumed is not None else None))
     manager.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
 
 
@@ -113,21 +162,26 @@ def validate(parts: TrainParts, loader: ValLoader) -> dict[str, float]:
 
 
 def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: ValLoader, tracker: Tracker,
-        manager: CheckpointManager | None, position: dict) -> dict:
-    """The epoch loop from the resume position on; returns the last validation metrics."""
-    epoch, batch, step, last = position["epoch"], position["batch_in_epoch"], position["step"], position["metrics"]
-    checkpoint = functools.partial(save, parts, manager, cfg)
+        manager: CheckpointManager | None, position: dict, stop: StopRequest) -> dict:
+    """The epoch loop from the resume position on (train_loader is already there); returns the
+    last validation metrics. Raises Preempted after saving when a stop signal came."""
+    epoch, step, last = position["epoch"], position["step"], position["metrics"]
+    checkpoint = functools.partial(save, parts, manager, cfg, train_loader)
     for epoch in range(epoch, cfg.schedule.epochs):
         start = time.perf_counter()
-        train_loader.set_epoch(epoch, start_batch=batch)
-        batch = 0
+        if epoch != position["epoch"]:
+            train_loader.set_epoch(epoch)
         trained = train_one_epoch(parts, train_loader, epoch=epoch, global_step=step, tracker=tracker,
-                                  save=checkpoint)
+                                  save=checkpoint, stop=stop)
         step = trained["step"]
+        if trained["stopped"]:
+            checkpoint(epoch, trained["batch"], step, metrics=last)
+            preempted(manager, f"epoch {epoch}, batch {trained['batch']}, step {step}")
         due = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.schedule.epochs
         val = validate(parts, val_loader) if due else {}
         last = val or last
-        row = {**trained, **val, "epoch_time_s": time.perf_counter() - start,
+        kept = {k: v for k, v in trained.items() if k not in ("batch", "stopped")}
+        row = {**kept, **val, "epoch_time_s": time.perf_counter() - start,
                "skipped": trained["skipped"] + val.get("val_skipped", 0)}
         tracker.log_epoch(epoch, row)  # before the save: a resume from it keeps this row
         logger.info("epoch %d/%d done: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%%s  lr %.4g  "
@@ -137,10 +191,36 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
                     f"  (EMA top-1 {val['ema_top1']:.2f}%)" if "ema_top1" in val else "",
                     trained["lr"], row["epoch_time_s"], trained["images_per_s"], row["skipped"])
         checkpoint(epoch + 1, 0, step, metrics=last, metric=val.get("val_top1"))
+        if epoch + 1 < cfg.schedule.epochs and stop.agree():  # a signal during validation or the save
+            preempted(manager, f"epoch {epoch + 1}, batch 0, step {step}")
     return last
 
 
-def train(cfg: Config, info: DistInfo, precision: Precision) -> dict:
+def preempted(manager: CheckpointManager | None, where: str) -> None:
+    """After the stop's checkpoint: rank 0 leaves the marker, every rank waits for it (a rank
+    that exits first makes torchrun stop the others), then Preempted ends the run."""
+    if manager is not None:
+        (manager.output_dir / PREEMPTED_MARKER).write_text(f"{where}\n")
+    barrier()
+    raise Preempted(where)
+
+
+def resume_position(cfg: Config, info: DistInfo, state: dict, loader: TrainLoader) -> dict:
+    """Put the training loader where the checkpoint stopped; warn where the recipe changed."""
+    saved = state.get("data")
+    was = (saved or {}).get("layout", {})
+    if was and was["world_size"] * was["batch_size"] != info.world_size * cfg.data.batch_size:
+        logger.warning("global batch %d (%d x %d) differs from the checkpoint's %d (%d x %d): the lr per sample "
+                       "continues as scheduled, but optim.lr=%g was set for the old batch (linear scaling: %g)",
+                       info.world_size * cfg.data.batch_size, info.world_size, cfg.data.batch_size,
+                       was["world_size"] * was["batch_size"], was["world_size"], was["batch_size"], cfg.optim.lr,
+                       cfg.optim.lr * info.world_size * cfg.data.batch_size / (was["world_size"] * was["batch_size"]))
+    where = loader.resume(state["epoch"], state["batch_in_epoch"], saved)
+    logger.info("resuming at %s, step %d", where, state["step"])
+    return {k: state.get(k, v) for k, v in {"epoch": 0, "step": 0, "metrics": {}}.items()}
+
+
+def train(cfg: Config, info: DistInfo, precision: Precision, run: RunStart, stop: StopRequest) -> dict:
     """Build everything, restore the resume position, run fit(); returns the last val metrics."""
     out, d = Path(cfg.checkpoint.output_dir), cfg.data
     train_loader = build_train_loader(d.train_shards, batch_size=d.batch_size, img_size=d.img_size,
@@ -151,27 +231,29 @@ def train(cfg: Config, info: DistInfo, precision: Precision) -> dict:
                                   crop_pct=d.crop_pct, rank=info.rank, world_size=info.world_size,
                                   workers=d.workers, num_classes=cfg.model.num_classes,
                                   pin_memory=info.device.type == "cuda")
-    resume = broadcast_object(resume_path(cfg.checkpoint.resume, out) if info.is_main else None)
-    net = build_model(cfg, info, start_from="" if resume else cfg.model.init_from)  # resume wins
-    parts = build_parts(cfg, info, net, precision, train_loader.batches_per_epoch)
-    state = load_checkpoint(resume) if resume else None
+    state = load_checkpoint(run.resume) if run.resume else None
+    position = {"epoch": 0, "step": 0, "metrics": {}}
+    if state:
+        try:
+            position = resume_position(cfg, info, state, train_loader)
+        except ValueError as e:  # the same on every rank: the same files
+            raise RunDirError(str(e)) from None
+    net = build_model(cfg, info, start_from="" if state else cfg.model.init_from)  # resume wins
+    parts = build_parts(cfg, info, net, precision)
     manager = CheckpointManager(out, cfg.checkpoint.keep) if info.is_main else None
     if info.is_main:
-        save_config(cfg, out / "config.yaml")  # the resolved recipe, before the first checkpoint
+        save_config(cfg, out / "config.yaml")  # the resolved recipe, written once, before the first checkpoint
     tracker = Tracker(cfg, out, info.is_main, start_epoch=state["epoch"] if state else 0)
     try:
-        random_seed(cfg.train.seed, info.rank)  # dropout / drop-path differ per rank
-        position = {"epoch": 0, "batch_in_epoch": 0, "step": 0, "metrics": {}}
+        random_seed(cfg.train.seed + position["step"], info.rank)  # dropout / drop-path differ per rank
         if state:
-            restore_state(state, net, parts.optimizer, parts.scaler, parts.ema.module, rank=info.rank)
-            position = {k: state.get(k, v) for k, v in position.items()}
+            restore_state(state, net, parts.optimizer, parts.scaler, parts.ema.module, rank=info.rank,
+                          world_size=info.world_size)
             if manager:
                 manager.best_metric = state.get("best_metric")
-            logger.info("resumed from %s: epoch %d, batch %d, step %d",
-                        resume, state["epoch"], state["batch_in_epoch"], state["step"])
         logger.info("%d epochs x %d steps of %d x %d images, precision %s", cfg.schedule.epochs,
                     train_loader.batches_per_epoch, d.batch_size, info.world_size, precision.name)
-        return fit(cfg, parts, train_loader, val_loader, tracker, manager, position)
+        return fit(cfg, parts, train_loader, val_loader, tracker, manager, position, stop)
     finally:
         tracker.finish()
 
@@ -180,6 +262,48 @@ def setup_logging(rank: int) -> None:
     """INFO on rank 0; other ranks only warn (torchrun interleaves every rank's output)."""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, datefmt="%H:%M:%S",
                         format="%(asctime)s " + (f"[rank {rank}] " if rank else "") + "%(message)s")
+
+
+def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRequest,
+                 started: float) -> tuple[int, str]:
+    """(exit status, final line): every way a run ends becomes one status and one line."""
+    run = RunStart(None)
+    try:
+        run = start_run(cfg, info)
+        if run.finished:
+            m = run.finished["metrics"]
+            return 0, (f"already finished: {run.finished['path']} ended epoch {run.finished['epoch']} with val top-1 "
+                       f"{m.get('val_top1', float('nan')):.2f}%; to train again, use a new checkpoint.output_dir")
+        final = train(cfg, info, precision, run, stop)
+        return 0, (f"final val top-1 {final.get('val_top1', float('nan')):.2f}%  top-5 "
+                   f"{final.get('val_top5', float('nan')):.2f}%  ({final.get('val_samples', 0)} images, "
+                   f"{cfg.schedule.epochs} epochs; {time.perf_counter() - started:.0f} s)  -> {cfg.checkpoint.output_dir}")
+    except RunDirError as e:
+        return 2, f"train.py: error: {e}"
+    except NonFiniteLossError as e:
+        return 3, f"train.py: error: {e}"
+    except Preempted as e:
+        stop.ignore()  # stopped and saved: a signal now (torchrun's, as ranks exit) must not cut the clean-up
+        return PREEMPTED_EXIT, (f"train.py: preempted at {e}: checkpoint saved in {cfg.checkpoint.output_dir}; "
+                                "rerun the same command to continue")
+    except LabelError as e:  # from a DataLoader worker the message ends in its traceback's last line
+        return 1, f"train.py: error: {str(e).strip().splitlines()[-1].split('LabelError: ')[-1]}"
+    except OSError as e:  # a full disk, a read-only or vanished file system while saving
+        return 1, f"train.py: error: {os_error_line(e, 'cannot write')}; the previous checkpoint is intact"
+    except (torch.distributed.DistBackendError, RuntimeError) as e:
+        if info.world_size == 1 or not _lost_peer(e):
+            raise
+        return 1, (f"train.py: error: rank {info.rank} lost another process (it failed or was stopped: its own "
+                   f"error says why): {one_line(e)}")
+    finally:
+        stop.settle()
+        if run.lock:
+            run.lock.release()
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (gloo and NCCL say so in words)."""
+    return isinstance(exc, torch.distributed.DistBackendError) or "closed by peer" in str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,24 +315,21 @@ def main(argv: list[str] | None = None) -> int:
         precision = preflight(cfg)
     except ConfigError as e:
         sys.exit(f"train.py: error: {e}")  # one line, and no output_dir yet
-    info = init_distributed()
+    info = init_distributed(cfg.train.dist_timeout_s)
     if info.device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # bit-exact resume: kernels independent of history
     else:  # speed over bit-exactness: autotuned cuDNN kernels, TF32 for fp32 matmuls and convs
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    stop = StopRequest(info.control_group).install()
     try:
-        final = train(cfg, info, precision)
-    except NonFiniteLossError as e:
-        logger.error("error: %s", e)
-        return 3
+        status, line = run_training(cfg, info, precision, stop, started)
     finally:
+        stop.restore()
         cleanup()
-    if info.is_main:
-        print(f"final val top-1 {final.get('val_top1', float('nan')):.2f}%  top-5 "
-              f"{final.get('val_top5', float('nan')):.2f}%  ({final.get('val_samples', 0)} images, "
-              f"{cfg.schedule.epochs} epochs; {time.perf_counter() - started:.0f} s)  -> {cfg.checkpoint.output_dir}")
-    return 0
+    if info.is_main or status == 1:  # status 1 may be one rank's own (a bad label in its shard, a lost peer)
+        print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
+    return status
 
 
 if __name__ == "__main__":

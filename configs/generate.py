@@ -71,7 +71,7 @@ def demo_recipe() -> Config:
     cfg.optim.lr = 0.1
     cfg.schedule = dataclasses.replace(cfg.schedule, epochs=30, decay_epochs=[20, 26], warmup_epochs=0)
     cfg.train = dataclasses.replace(cfg.train, channels_last=True, log_interval=10)
-    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, output_dir="runs/demo_digits", keep=1, resume="")
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, output_dir="runs/demo_digits", keep=1, resume="auto")
     cfg.wandb = dataclasses.replace(cfg.wandb, mode="offline", tags=["demo"])
     return cfg
 

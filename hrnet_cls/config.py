@@ -107,6 +107,9 @@ class TrainConfig:
     seed: int = doc(0, "Base random seed; each process adds its rank.")
     log_interval: int = doc(50, "Log training loss, LR and throughput every this many optimizer steps.")
     val_interval: int = doc(1, "Validate every this many epochs (the last epoch is always validated).")
+    dist_timeout_s: float = doc(1800.0, "Seconds a collective waits for a missing process (one that died or "
+                                        "hangs) before the run fails instead of hanging; torch.distributed's "
+                                        "process-group timeout.")
 
 
 @dataclass
@@ -116,8 +119,10 @@ class CheckpointConfig:
     keep: int = doc(3, "Number of most recent epoch_XXXX.pth files kept besides last.pth and best.pth.")
     save_interval: int = doc(0, "Also overwrite last.pth every this many optimizer steps inside an epoch, so a "
                                 "killed job resumes at the next batch (0 = save at epoch ends only).")
-    resume: str = doc("auto", '"" = start fresh; "auto" = newest valid checkpoint in output_dir if any; '
-                              "otherwise a checkpoint path. Resuming takes precedence over model.init_from.")
+    resume: str = doc("auto", '"auto" = continue from the newest checkpoint in output_dir whose checksum '
+                              'verifies, or start when there is none; "" = start a new run (refused if output_dir '
+                              "holds one); otherwise a checkpoint path. Resuming takes precedence over "
+                              "model.init_from.")
 
 
 @dataclass
@@ -386,3 +391,4 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.seed >= 0, f"train.seed must be >= 0, got {t.seed}")
     _require(t.log_interval >= 1, f"train.log_interval must be >= 1 step, got {t.log_interval}")
     _require(t.val_interval >= 1, f"train.val_interval must be >= 1 epoch, got {t.val_interval}")
+    _require(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")

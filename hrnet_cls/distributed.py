@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +24,7 @@ class DistInfo:
     world_size: int  # number of processes in the job
     device: torch.device  # cuda:<local_rank> when CUDA is available, else cpu
     is_main: bool  # rank 0: the only process that logs, tracks and saves
+    control_group: Any = field(default=None, compare=False)  # gloo group for CPU-side agreement; None alone
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
@@ -31,7 +32,10 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     MASTER_ADDR/PORT via env://): NCCL with CUDA, gloo on CPU. Without WORLD_SIZE, or
     with WORLD_SIZE=1, no process group is created.
 
-    timeout_s bounds how long a collective waits for a stuck rank before raising.
+    timeout_s bounds how long a collective waits for a stuck rank before raising (a
+    process that died, or one that never arrives): the run then fails instead of hanging.
+    The control group (gloo, CPU tensors) carries small agreements such as the stop flag of
+    hrnet_cls.preemption without touching the GPU stream.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -49,7 +53,8 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
             device_id=device if device.type == "cuda" else None,
         )
         logger.info("rank %d/%d joined the %s process group on %s", rank, world_size, backend, device)
-    return DistInfo(rank, local_rank, world_size, device, rank == 0)
+    control = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if world_size > 1 else None
+    return DistInfo(rank, local_rank, world_size, device, rank == 0, control)
 
 
 def is_distributed() -> bool:

@@ -19,7 +19,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from timm.utils import ModelEmaV3
@@ -31,11 +31,12 @@ from hrnet_cls.distributed import DistInfo, all_reduce_sum
 from hrnet_cls.ema import NoEma, build_ema
 from hrnet_cls.optim import StepSchedule, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
+from hrnet_cls.preemption import StopRequest
 from hrnet_cls.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 
-Batch = tuple[torch.Tensor, torch.Tensor, int]  # images (B, 3, H, W), targets (B,), skipped samples
+Batch = tuple[torch.Tensor, torch.Tensor, int, Any]  # images (B,3,H,W), targets (B,), skipped, positions (B,)
 SaveFn = Callable[[int, int, int], None]  # save(epoch, batch_in_epoch, global_step); a collective
 
 
@@ -65,8 +66,7 @@ class TrainParts:
     save_interval: int  # optimizer steps between mid-epoch checkpoints; 0 = none
 
 
-def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision,
-                steps_per_epoch: int) -> TrainParts:
+def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision) -> TrainParts:
     """Every recipe choice, made once: the loop runs these objects without branching.
 
     net: the bare model, on its device and in its memory format.
@@ -79,7 +79,7 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
     scaler = precision.grad_scaler()
     return TrainParts(
         model=model, net=net, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
-        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, steps_per_epoch),
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule),
         precision=precision, scaler=scaler, autocast=precision.autocast(), ema=ema, device=info.device,
         memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
         world_size=info.world_size, epochs=cfg.schedule.epochs,
@@ -88,29 +88,38 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
-                    tracker: Tracker, save: SaveFn) -> dict[str, float]:
+                    tracker: Tracker, save: SaveFn, stop: StopRequest) -> dict[str, float]:
     """Train on the loader's remaining batches of ``epoch`` (0-based); ``global_step`` =
     optimizer steps taken before them. Every process must call it with equal loaders.
 
+    Stops early, at the same step boundary on every process, when ``stop`` says so (a
+    preemption signal); ``batch`` in the result then says how far the epoch got.
     Returns train_loss (mean over finite steps of all processes), lr (of the last step),
-    step (after the epoch), images_per_s (all processes), train_time_s, skipped (bad
-    samples, all processes) and nonfinite (steps with a NaN/inf loss, all processes).
+    step (after the epoch), batch (batches of the loader's plan done), stopped (0 or 1),
+    images_per_s (all processes), train_time_s, skipped (bad samples, all processes) and
+    nonfinite (steps with a NaN/inf loss, all processes).
     """
     parts.model.train()
     batches = loader.batches_per_epoch
-    first = batches - len(loader)  # batches of this epoch trained before a resume
-    meter = _Meter(parts, epoch, global_step, batches)
-    for batch, (images, targets, skipped) in enumerate(_iterate(loader), start=first + 1):
-        lr = parts.scheduler.step(global_step)
+    batch = batches - len(loader)  # batches of this epoch trained before a resume
+    meter = _Meter(parts, epoch, batches, loader.progress(batch)[0])
+    stopped = False
+    for batch, (images, targets, skipped, _) in enumerate(_iterate(loader), start=batch + 1):
+        start, end = loader.progress(batch - 1)  # epoch progress in samples: the same on any world size
+        lr = parts.scheduler.step(start, end)
         loss = _train_step(parts, images, targets)
         global_step += 1
         meter.add(loss, images.shape[0], skipped)
         if global_step % parts.log_interval == 0:
-            meter.log(global_step, batch, lr, tracker)
+            meter.log(global_step, batch, lr, end, tracker)
+        if stop.poll():  # every process gets the same answer at the same step
+            stopped = True
+            break
         if _due(global_step, parts.save_interval) and batch < batches:  # the epoch end saves after validation
             meter.read(global_step, weights=True)  # raises on a NaN / inf before anything is written
             save(epoch, batch, global_step)
-    return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"])
+    summary = meter.summary(global_step, parts.optimizer.param_groups[0]["lr"])
+    return summary | {"batch": batch, "stopped": int(stopped)}
 
 
 def _train_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -152,8 +161,9 @@ def _iterate(loader: Iterable[Batch]) -> Iterator[Batch]:
 class _Meter:
     """Device-side sums of one epoch, read on the host only at log and save points."""
 
-    def __init__(self, parts: TrainParts, epoch: int, global_step: int, batches: int):
-        self.parts, self.epoch, self.first_step, self.batches = parts, epoch, global_step, batches
+    def __init__(self, parts: TrainParts, epoch: int, batches: int, progress: float):
+        self.parts, self.epoch, self.batches = parts, epoch, batches
+        self.first_progress = progress  # epoch progress when this process's part of the epoch began
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=parts.device)  # finite losses only
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=parts.device)  # steps
         self.steps, self.images, self.skipped = 0, 0, 0  # this process, host counters
@@ -185,21 +195,20 @@ class _Meter:
                 f"checkpoint is kept (lower optim.lr, or check the data)")
         return loss_sum, nonfinite, skipped_all
 
-    def log(self, global_step: int, batch: int, lr: float, tracker: Tracker) -> None:
+    def log(self, global_step: int, batch: int, lr: float, progress: float, tracker: Tracker) -> None:
         loss_sum, nonfinite, _ = self.read(global_step)
         now = time.perf_counter()
         last_time, last_steps, last_images, last_sum, last_bad = self.last
         finite = (self.steps - last_steps) * self.parts.world_size - (nonfinite - last_bad)
         loss = (loss_sum - last_sum) / finite if finite else float("nan")
         ips = (self.images - last_images) * self.parts.world_size / max(now - last_time, 1e-9)
-        total = self.parts.epochs * self.batches
-        eta = (total - global_step) * (now - self.start) / self.steps  # training steps only
+        # training steps only, from the pace of this epoch in samples (any world size)
+        eta = (self.parts.epochs - progress) * (now - self.start) / max(progress - self.first_progress, 1e-9)
         self.last = (now, self.steps, self.images, loss_sum, nonfinite)
         logger.info("epoch %d/%d  batch %d/%d  step %d  loss %.4f  lr %.4g  %.0f img/s  eta %s",
                     self.epoch, self.parts.epochs, batch, self.batches, global_step, loss, lr, ips,
                     timedelta(seconds=round(eta)))
-        tracker.log_step(global_step, {"loss": loss, "lr": lr, "images_per_s": ips,
-                                       "epoch": global_step / self.batches})
+        tracker.log_step(global_step, {"loss": loss, "lr": lr, "images_per_s": ips, "epoch": progress})
 
     def summary(self, global_step: int, lr: float) -> dict[str, float]:
         loss_sum, nonfinite, skipped = self.read(global_step, weights=True)  # train.py saves after this

@@ -10,6 +10,9 @@ import importlib.util
 import json
 import os
 import struct
+import tarfile
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,58 @@ REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "shards" / "digits"  # the bundled sample shards: 1,437 train / 360 val images, 10 classes
 DIGITS_VAL = str(DIGITS / "val-{000000..000001}.tar")
 DIGITS_VAL_SAMPLES = 360  # _info.json, split "val"
+
+
+# A small, fast recipe on the bundled shards: 2 training shards (360 images) = 11 steps of 32 per epoch.
+TINY_RECIPE = [
+    "data.train_shards=shards/digits/train-{000000..000001}.tar", "data.batch_size=32", "data.workers=1",
+    "data.val_batch_size=128", "train.log_interval=1", "optim.lr=0.05",
+]
+TINY_STEPS_PER_EPOCH = 11
+
+
+def train_command(*overrides: str, nproc: int = 0) -> list[str]:
+    """train.py on the demo recipe; nproc > 0: under torchrun with that many gloo processes."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*(launcher if nproc else [sys.executable]), "train.py", "--config", "demo_digits.yaml", *overrides]
+
+
+def run_train(tmp_path: Path, *overrides: str, wandb: str = "disabled", timeout: float = 900, nproc: int = 0,
+              **env: str) -> subprocess.CompletedProcess:
+    """train.py to its end in a fresh interpreter (one thread per process under torchrun)."""
+    if nproc:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(train_command(*overrides, nproc=nproc), cwd=REPO, env=subprocess_env(tmp_path, wandb, **env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def digits_subset(folder: Path, classes: int, with_count: bool = True) -> dict[str, str]:
+    """The bundled digits 0..classes-1 as shards in folder (train, val) with their _info.json;
+    with_count=False leaves the class count out of it. Returns {split: brace pattern}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    info = json.loads((DIGITS / "_info.json").read_text())
+    info["splits"], out = {}, {}
+    for split in ("train", "val"):
+        with tarfile.open(folder / f"{split}-000000.tar", "w") as dst:
+            kept = 0
+            for src_path in sorted(DIGITS.glob(f"{split}-*.tar")):
+                with tarfile.open(src_path) as src:
+                    members = src.getmembers()
+                    labels = {m.name.rsplit(".", 1)[0]: int(src.extractfile(m).read()) for m in members
+                              if m.name.endswith(".cls")}
+                    for m in members:
+                        if labels[m.name.rsplit(".", 1)[0]] < classes:
+                            dst.addfile(m, src.extractfile(m))
+                    kept += sum(1 for v in labels.values() if v < classes)
+        info["splits"][split] = {"name": split, "num_samples": kept, "filenames": [f"{split}-000000.tar"],
+                                 "shard_lengths": [kept]}
+        out[split] = str(folder / f"{split}-{{000000..000000}}.tar")
+    info.pop("num_classes")
+    info.pop("class_names")
+    if with_count:
+        info.update(num_classes=classes, class_names=[str(c) for c in range(classes)])
+    (folder / "_info.json").write_text(json.dumps(info))
+    return out
 
 
 def load_script(name: str):

@@ -10,6 +10,7 @@ from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
 from hrnet_cls.engine import build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
+from hrnet_cls.preemption import StopRequest
 from hrnet_cls.tracking import Tracker
 
 TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images
@@ -23,13 +24,13 @@ def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
     cfg = Config()
     cfg.train.log_interval = steps
     cpu = torch.device("cpu")
-    parts = build_parts(cfg, DistInfo(0, 0, 1, cpu, True), tiny_model(), Precision.of("fp32", cpu), steps)
+    parts = build_parts(cfg, DistInfo(0, 0, 1, cpu, True), tiny_model(), Precision.of("fp32", cpu))
     reads = {}
     for interval in (steps, 1):
         parts.log_interval = interval
         with HostReads() as counter:
             metrics = train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
-                                      save=lambda *a: None)
+                                      save=lambda *a: None, stop=StopRequest())
         reads[interval] = counter.count
         assert metrics["step"] == steps and metrics["train_loss"] > 0
     # reads = constant + one per log line: nothing per step

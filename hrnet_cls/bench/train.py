@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import timm
 import torch
 from torch import nn
@@ -40,12 +41,14 @@ from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
 from hrnet_cls.engine import TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
+from hrnet_cls.preemption import StopRequest
 from hrnet_cls.timing import synchronize
 from hrnet_cls.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 DIGITS = str(REPO / "shards" / "digits" / "train-{000000..000007}.tar")
+NO_STOP = StopRequest()  # no handlers installed: never asks to stop
 HOST_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
 
 
@@ -64,14 +67,17 @@ class HostReads(TorchFunctionMode):
 class Batches:
     """In-memory batches with the TrainLoader interface train_one_epoch uses."""
 
-    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor, int]]) -> None:
+    def __init__(self, batches: list[tuple[torch.Tensor, torch.Tensor, int, np.ndarray]]) -> None:
         self.batches = batches
         self.batches_per_epoch = len(batches)
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def progress(self, batch: int) -> tuple[float, float]:
+        return batch / len(self.batches), (batch + 1) / len(self.batches)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, np.ndarray]]:
         return iter(self.batches)
 
 
@@ -82,7 +88,7 @@ def make_model(name: str, num_classes: int, img_size: int, channels_last: bool =
     return timm.create_model(name, num_classes=num_classes, **layout)
 
 
-def make_parts(model: nn.Module, steps_per_epoch: int, log_interval: int, device: str = "cpu",
+def make_parts(model: nn.Module, log_interval: int, device: str = "cpu",
                precision: str = "fp32", channels_last: bool = False) -> TrainParts:
     """TrainParts as train.py builds them (one process, no EMA, no mid-epoch saves)."""
     cfg = Config()
@@ -90,13 +96,13 @@ def make_parts(model: nn.Module, steps_per_epoch: int, log_interval: int, device
     cfg.train.log_interval, cfg.train.channels_last, cfg.checkpoint.save_interval = log_interval, channels_last, 0
     device = torch.device(device)
     net = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return build_parts(cfg, DistInfo(0, 0, 1, device, True), net, Precision.of(precision, device), steps_per_epoch)
+    return build_parts(cfg, DistInfo(0, 0, 1, device, True), net, Precision.of(precision, device))
 
 
 def bare_pass(parts: TrainParts, batches: Batches) -> float:
     """Seconds per step of the minimal loop over the same objects."""
     start = time.perf_counter()
-    for images, targets, _ in batches:
+    for images, targets, *_ in batches:
         images = images.to(parts.device, non_blocking=True, memory_format=parts.memory_format)
         targets = targets.to(parts.device, non_blocking=True)
         with parts.autocast:
@@ -111,7 +117,7 @@ def bare_pass(parts: TrainParts, batches: Batches) -> float:
 
 def engine_pass(parts: TrainParts, batches: Batches, tracker: Tracker) -> float:
     start = time.perf_counter()
-    train_one_epoch(parts, batches, epoch=0, global_step=0, tracker=tracker, save=lambda *a: None)
+    train_one_epoch(parts, batches, epoch=0, global_step=0, tracker=tracker, save=lambda *a: None, stop=NO_STOP)
     synchronize(parts.device)  # the epoch summary already read the device; this is for symmetry
     return (time.perf_counter() - start) / len(batches)
 
@@ -120,8 +126,9 @@ def overhead(name: str, args: argparse.Namespace, tracker: Tracker) -> dict[str,
     torch.manual_seed(0)
     device = torch.device(args.device)
     batches = Batches([(torch.randn(args.batch, 3, args.img_size, args.img_size, device=device),
-                        torch.randint(0, 10, (args.batch,), device=device), 0) for _ in range(args.steps)])
-    parts = make_parts(make_model(name, 10, args.img_size, args.channels_last), len(batches), args.log_interval, args.device,
+                        torch.randint(0, 10, (args.batch,), device=device), 0, np.arange(args.batch))
+                       for _ in range(args.steps)])
+    parts = make_parts(make_model(name, 10, args.img_size, args.channels_last), args.log_interval, args.device,
                        args.precision, args.channels_last)
     bare_pass(parts, batches), engine_pass(parts, batches, tracker)  # warm-up (allocator, kernels)
     bare, engine = [], []
@@ -161,14 +168,14 @@ def end_to_end(args: argparse.Namespace, tracker: Tracker) -> dict[str, Any]:
     loader = build_train_loader(args.shards, batch_size=args.batch, img_size=args.img_size, seed=0, epoch=0,
                                 workers=args.workers)
     model = make_model(args.models[-1], 10, args.img_size, args.channels_last)
-    parts = make_parts(model, loader.batches_per_epoch, args.log_interval, args.device, args.precision,
+    parts = make_parts(model, args.log_interval, args.device, args.precision,
                        args.channels_last)
-    train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=tracker, save=lambda *a: None)  # warm-up
+    train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=tracker, save=lambda *a: None, stop=NO_STOP)  # warm-up
     runs = []
     for epoch in range(1, args.repeats + 1):
         loader.set_epoch(epoch)
         runs.append(train_one_epoch(parts, loader, epoch=epoch, global_step=0, tracker=tracker,
-                                    save=lambda *a: None)["images_per_s"])
+                                    save=lambda *a: None, stop=NO_STOP)["images_per_s"])
     return {"model": args.models[-1], "workers": args.workers, "batch": args.batch,
             "images_per_epoch": loader.batches_per_epoch * args.batch, "images_per_s": statistics.median(runs)}
 

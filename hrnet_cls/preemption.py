@@ -1,0 +1,113 @@
+"""Graceful preemption: SIGTERM, SIGUSR1 or SIGINT stop every rank at the same step boundary.
+
+A cluster takes a job away with SIGTERM (Kubernetes, SLURM at the time limit or on
+preemption, torchrun forwarding its own signal) or with SIGUSR1 ahead of the limit
+(``sbatch --signal=USR1@120``); Ctrl+C is SIGINT, a closed terminal SIGHUP. The first such
+signal only sets a flag; the training loop asks ``StopRequest.poll()`` after every step,
+every rank gets the same answer at the same step, rank 0 saves ``last.pth`` there, writes
+``run_dir.PREEMPTED_MARKER`` (torchrun reports any worker exit as status 1, so a batch
+script tells a preemption from a crash by this file), every rank waits for that, and
+train.py exits with ``PREEMPTED_EXIT``.
+
+The same signal often arrives twice (torchrun forwards it and SLURM signals every process of
+the step): repeats within ``REPEAT_S`` are ignored. A signal after that stops the process at
+once, without saving.
+
+Agreement costs no device sync: each rank's flag goes into an asynchronous all_reduce (MAX)
+on a gloo group of CPU tensors, started after step k and read after step k+1, so a stop
+takes effect one or two steps after the signal on every rank alike. DataLoader workers
+ignore these signals (hrnet_cls.data.workers), so a signal to the whole process group
+cannot take their batches away before the boundary.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from hrnet_cls.data.workers import STOP_SIGNALS
+
+logger = logging.getLogger(__name__)
+
+# EX_TEMPFAIL of sysexits.h: "try again later". Preempted with the checkpoint saved: running the
+# same command again (checkpoint.resume=auto) continues where this run stopped.
+PREEMPTED_EXIT = 75
+REPEAT_S = 2.0  # a repeated signal sooner than this is the same one delivered twice
+
+
+class Preempted(Exception):
+    """Training stopped on a signal at a step boundary, after rank 0 saved last.pth."""
+
+
+class StopRequest:
+    """The stop signals of this process and the agreement on them across ranks."""
+
+    def __init__(self, group: Any = None) -> None:
+        self.group = group  # a gloo process group over all ranks, or None in one process
+        self.signal: int | None = None  # the first stop signal received
+        self._at = 0.0  # when it came (time.monotonic)
+        self._previous: dict[int, Any] = {}
+        self._flag = np.zeros(1, dtype=np.int32)  # the all_reduce writes here; read without torch
+        self._work: Any = None
+
+    def install(self) -> StopRequest:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and time.monotonic() - self._at < REPEAT_S:
+            return  # the same signal, delivered twice
+        if self.signal is not None:  # a second signal: the user means now
+            self.restore()
+            logger.warning("second %s: stopping now, without saving", signal.Signals(signum).name)
+            signal.raise_signal(signum)
+            return
+        self.signal, self._at = signum, time.monotonic()
+        logger.warning("%s received: stopping at the next step boundary; the checkpoint is saved there "
+                       "(a second signal stops at once, without saving)", signal.Signals(signum).name)
+
+    def ignore(self) -> None:
+        """Ignore stop signals from now on: the run has stopped and only cleans up (torchrun
+        sends SIGTERM to a rank still exiting when another has exited)."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """Put back the handlers that were there before install()."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def poll(self) -> bool:
+        """Collective, called by every rank after every step: whether all ranks stop here."""
+        if self.group is None:
+            return self.signal is not None
+        agreed = False
+        if self._work is not None:
+            self._work.wait()
+            agreed = bool(self._flag[0])
+        self._flag[0] = int(self.signal is not None)
+        self._work = dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group,
+                                     async_op=True)
+        return agreed
+
+    def agree(self) -> bool:
+        """Collective and blocking: whether any rank has received a stop signal by now."""
+        if self.group is None:
+            return self.signal is not None
+        self.settle()
+        self._flag[0] = int(self.signal is not None)
+        dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group)
+        return bool(self._flag[0])
+
+    def settle(self) -> None:
+        """Wait for the agreement in flight (before the process group goes away)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
