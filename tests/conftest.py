@@ -7,6 +7,7 @@ killed child), build full-size models at 224 px, or really train.
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import struct
@@ -15,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import hrnet_cls  # noqa: F401  (registers the HRNet-C models with timm)
+from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
 
 REPO = Path(__file__).resolve().parent.parent
 DIGITS = REPO / "shards" / "digits"  # the bundled sample shards: 1,437 train / 360 val images, 10 classes
@@ -157,3 +161,119 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- synthetic shards for the loader tests
+
+NUM_CLASSES = 10
+Sample = tuple[str, dict[str, bytes]]  # (key, {extension: payload})
+
+
+def id_png(i: int, size: int = 16) -> bytes:
+    """Flat colour encoding id i (< 4096) in 16 levels per channel, robust to resampling."""
+    colour = [8 + 16 * (i // 256), 8 + 16 * (i // 16 % 16), 8 + 16 * (i % 16)]
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), tuple(colour)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def ids_of(images: torch.Tensor) -> list[int]:
+    """Sample ids back from normalised (B, 3, H, W) flat-colour images."""
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3)
+    levels = ((images[:, :, 0, 0] * std + mean) * 255 - 8) / 16
+    digits = levels.round().long()
+    return (digits[:, 0] * 256 + digits[:, 1] * 16 + digits[:, 2]).tolist()
+
+
+def jpeg(seed: int, size: tuple[int, int] = (64, 48)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def sample(i: int) -> Sample:
+    return f"s{i:05d}", {"png": id_png(i), "cls": str(i % NUM_CLASSES).encode()}
+
+
+def write_shards(folder: Path, split: str, shards: list[list[Sample]], listed: list[int] | None = None) -> str:
+    """Tar shards + _info.json; returns the brace pattern naming them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for n, samples in enumerate(shards):
+        names.append(f"{split}-{n:06d}.tar")
+        with tarfile.open(folder / names[-1], "w") as tar:
+            for key, members in samples:
+                for ext, payload in members.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    lengths = listed or [len(s) for s in shards]
+    info_path = folder / "_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"name": "t", "splits": {}}
+    info.update(num_classes=NUM_CLASSES)
+    info["splits"][split] = {"name": split, "num_samples": sum(lengths), "filenames": names,
+                             "shard_lengths": lengths}
+    info_path.write_text(json.dumps(info))
+    return str(folder / f"{split}-{{000000..{len(shards) - 1:06d}}}.tar")
+
+
+def id_shards(folder: Path, split: str, sizes: list[int], first: int = 0) -> str:
+    """Clean shards of the given sizes holding consecutive ids from ``first``."""
+    shards, i = [], first
+    for size in sizes:
+        shards.append([sample(j) for j in range(i, i + size)])
+        i += size
+    return write_shards(folder, split, shards)
+
+
+def epoch_batches(urls: str, **kw) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    args = dict(batch_size=4, img_size=16, seed=5, epoch=0, workers=0) | kw
+    return list(build_train_loader(urls, **args))
+
+
+def same_batches(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- source folders for the shard writer tests
+
+FORMATS = (("JPEG", ".jpg"), ("PNG", ".png"), ("WEBP", ".webp"))
+
+
+def encode(seed: int, fmt: str = "JPEG", size: tuple[int, int] = (14, 10)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt)
+    return buf.getvalue()
+
+
+def image_folder(root: Path, per_class: dict[str, int]) -> dict[str, tuple[str, bytes]]:
+    """An ImageFolder tree cycling through JPEG/PNG/WebP; {relative path: (class, bytes)}."""
+    files, seed = {}, 0
+    for name, count in per_class.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            fmt, ext = FORMATS[seed % 3]
+            rel = f"{name}/{name}_{i}{ext}"
+            files[rel] = (name, encode(seed, fmt))
+            (root / rel).write_bytes(files[rel][1])
+            seed += 1
+    return files
+
+
+def read_split(out: Path, split: str) -> dict[str, dict[str, bytes]]:
+    """{key: {extension: bytes}} over the split's shards listed in _info.json."""
+    info = json.loads((out / "_info.json").read_text())["splits"][split]
+    samples: dict[str, dict[str, bytes]] = {}
+    for name, length in zip(info["filenames"], info["shard_lengths"]):
+        with tarfile.open(out / name) as tar:
+            keys = set()
+            for member in tar:
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+                keys.add(key)
+        assert len(keys) == length
+    assert sum(info["shard_lengths"]) == info["num_samples"] == len(samples)
+    return samples
