@@ -66,7 +66,8 @@ class DataConfig:
     val_batch_size: int = doc(64, "Validation images per process per step (no gradients, so it can exceed batch_size).")
     workers: int = doc(8, "DataLoader worker processes per training process (0 = load in the main process).")
     img_size: int = doc(224, "Square training crop and evaluation crop side, pixels.")
-    crop_pct: float = doc(0.875, "Evaluation centre-crop fraction: resize the shorter side to img_size / crop_pct.")
+    crop_pct: float = doc(0.875, "Evaluation centre-crop fraction: the shorter side is resized to "
+                                 "floor(img_size / crop_pct) first, as in timm.")
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """Decode one encoded image into a uint8 crop, and normalise it into a batch slot.
 
 Train: RandomResizedCrop (area fraction in ``scale``, aspect ratio w/h log-uniform in
-``ratio``) + horizontal flip. Eval: resize the shorter side to ``resize``, centre-crop
-``size``. Both follow the torchvision definitions (the recipe in docs/design.md section 3).
+``ratio``) + horizontal flip, following torchvision's definitions (the recipe in
+docs/design.md section 3). Eval: timm's ``create_transform(is_training=False)``, pixel for
+pixel: the whole image decoded, the shorter side resized to ``floor(img_size / crop_pct)``
+by PIL with timm's filter, the centre crop, then ToTensor + Normalize's float arithmetic
+(tests/test_transforms.py compares against timm's transform itself).
 
-Speed, per image (decode dominates):
+Train-time speed, per image (decode dominates):
 - the crop box is chosen from the header size before decoding, then a JPEG is decoded at
   1/2, 1/4 or 1/8 scale (``Image.draft``) when the box still covers at least ``size``
   pixels per side at that scale: a smaller decode never drops below the output resolution;
@@ -28,10 +31,11 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "eval_crop",
+__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "eval_crop", "eval_resize",
            "random_resized_crop_box", "sample_rng", "train_crop"]
 
 INTERPOLATIONS = ("bilinear", "bicubic")
+_PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # timm's str_to_interp_mode, for PIL
 _DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg performs while decoding
 
 
@@ -134,29 +138,42 @@ def train_crop(data: bytes, size: int, rng: random.Random, *, scale: tuple[float
     return out.flip(-1) if flip else out
 
 
+def eval_resize(img_size: int, crop_pct: float) -> int:
+    """The shorter side before the centre crop, as timm computes it (floor, not round:
+    224 at crop_pct 0.95 is 235, the size timm's published numbers were measured at)."""
+    return math.floor(img_size / crop_pct)
+
+
 def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bilinear") -> torch.Tensor:
-    """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8."""
+    """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8.
+
+    What torchvision's Resize(resize) + CenterCrop(size) do to the PIL image timm decodes:
+    the full decode (a draft-scale JPEG decode would give other pixels) and PIL's resize
+    (torch's antialiased uint8 interpolate differs from it by up to 2 levels in ~0.6% of
+    pixels, measured).
+    """
     img = Image.open(io.BytesIO(data))
-    pixels, _ = _decode(img, min(img.width, img.height) / resize)
+    pixels, _ = _decode(img, keep=1.0)  # full scale
     height, width = pixels.shape[:2]
     # output size as torchvision's Resize(int): shorter side = resize, longer side truncated
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_w, new_h = int(resize * width / height), resize
-    resized = _resize(pixels, (new_h, new_w), interpolation)
+    resized = Image.fromarray(pixels).resize((new_w, new_h), _PIL_FILTERS[interpolation])
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    return resized[:, top:top + size, left:left + size]
+    crop = np.asarray(resized.crop((left, top, left + size, top + size)))
+    return torch.from_numpy(crop.copy()).permute(2, 0, 1)
 
 
 class Normalizer:
-    """Writes (uint8 / 255 - mean) / std into a float32 batch slot, one image at a time."""
+    """Writes (uint8 / 255 - mean) / std into a float32 batch slot, one image at a time, with
+    the float operations of torchvision's ToTensor + Normalize in their order (bit-identical)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std_t)
-        self.shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: torch.Tensor, out: torch.Tensor) -> None:
         """image: (3, H, W) uint8; out: (3, H, W) float32, overwritten."""
-        out.copy_(image).mul_(self.scale).add_(self.shift)
+        out.copy_(image).div_(255).sub_(self.mean).div_(self.std)

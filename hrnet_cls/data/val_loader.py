@@ -9,7 +9,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from hrnet_cls.data.sources import Segment, SkipCounter, expand_urls, num_classes_of, read_info, read_segment
 from hrnet_cls.data.sources import shard_lengths, warn
-from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, eval_crop
+from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, eval_crop, eval_resize
 from hrnet_cls.data.workers import check_common, make_loader, stop_workers
 
 
@@ -115,7 +115,7 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
                      mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                      interpolation: str = "bilinear", num_classes: int | None = None,
                      pin_memory: bool = False) -> ValLoader:
-    """Evaluation batches: shorter side to round(img_size / crop_pct), centre crop img_size.
+    """Evaluation batches: shorter side to eval_resize(img_size, crop_pct), centre crop img_size.
 
     Every readable sample is yielded exactly once over all ranks and workers; a batch may be
     short (the last of a worker), and a worker whose every sample was bad yields one empty
@@ -127,6 +127,6 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
     shard_urls = expand_urls(urls)
     info = read_info(shard_urls)
     plan = ValPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size,
-                   round(img_size / crop_pct), rank, world_size, max(1, workers),
+                   eval_resize(img_size, crop_pct), rank, world_size, max(1, workers),
                    num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation)
     return ValLoader(plan, workers, pin_memory)
