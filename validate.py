@@ -4,6 +4,7 @@
     python validate.py --model 'hrnet_w18*_c' --data '/data/imagenet-wds/val-{000000..000063}.tar' \\
         --img-size 224 256 --crop-pct 0.875 1.0 --results-file sweep.csv
     python validate.py --model hrnet_w18_c --weights hrnetv2_w18_imagenet_pretrained.pth --data ...
+    python validate.py --model local-dir:exports/digits_tiny --data ...   # a folder of python -m hrnet_cls.export
     torchrun --nproc_per_node=2 validate.py --checkpoint 'runs/w18/epoch_*.pth' --data ...
 
 One row per (model, checkpoint, img_size, crop_pct). Rows with the same preprocessing share
@@ -52,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", nargs="+", default=[], metavar="PATH",
                    help="our training checkpoints: files, globs, or directories (every *.pth in them)")
     p.add_argument("--model", nargs="+", default=[], metavar="NAME",
-                   help="timm model names or patterns (hrnet_w18*_c), with pretrained weights or --weights")
+                   help="timm model names or patterns (hrnet_w18*_c), with pretrained weights or --weights; "
+                        "local-dir:FOLDER = a timm model folder (config.json + weights, e.g. from "
+                        "python -m hrnet_cls.export), validated with its own preprocessing")
     p.add_argument("--weights", default="", metavar="FILE",
                    help="state dict for --model: plain (timm's, the authors') or under state_dict/model")
     p.add_argument("--data", required=True, metavar="SHARDS", help="val shards, e.g. 'val-{000000..000063}.tar'")

@@ -9,6 +9,8 @@ import csv
 import io
 import json
 import logging
+import math
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -34,6 +36,7 @@ from hrnet_cls.validation import (
     checkpoint_specs,
     describe_all,
     expected_samples,
+    model_specs,
     run_sweep,
 )
 
@@ -111,7 +114,8 @@ def counts(row: dict) -> tuple[int, int, int]:
 
 def independent_counts(path: Path, img_size: int, crop_pct: float) -> tuple[int, int, int]:
     """Top-1/top-5 correct and samples of a checkpoint, by a separate code path: tarfile,
-    PIL, torchvision resize (shorter side, antialiased bilinear) + centre crop, plain math."""
+    PIL, torchvision's resize of the PIL image (shorter side to floor(img_size / crop_pct),
+    bilinear, as timm's eval transform) + centre crop, plain math."""
     model = timm.create_model("hrnet_tiny_c", num_classes=10)
     model.load_state_dict(torch.load(path, weights_only=True)["model"])
     model.eval()
@@ -121,10 +125,10 @@ def independent_counts(path: Path, img_size: int, crop_pct: float) -> tuple[int,
         with tarfile.open(shard) as tar:
             files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
         for name in sorted(n for n in files if n.endswith(".jpg")):
-            rgb = np.asarray(Image.open(io.BytesIO(files[name])).convert("RGB"))
-            pixels = torch.from_numpy(rgb.copy()).permute(2, 0, 1)  # (3, H, W) uint8
-            pixels = TF.resize(pixels, [round(img_size / crop_pct)], InterpolationMode.BILINEAR, antialias=True)
-            pixels = TF.center_crop(pixels, [img_size, img_size])
+            rgb = Image.open(io.BytesIO(files[name])).convert("RGB")
+            rgb = TF.resize(rgb, [math.floor(img_size / crop_pct)], InterpolationMode.BILINEAR)
+            rgb = TF.center_crop(rgb, [img_size, img_size])
+            pixels = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)  # (3, H, W) uint8
             images.append((pixels.float() / 255 - mean) / std)
             labels.append(int(files[name[:-4] + ".cls"]))
     with torch.no_grad():
@@ -132,6 +136,34 @@ def independent_counts(path: Path, img_size: int, crop_pct: float) -> tuple[int,
     top5 = logits.topk(5, dim=1).indices
     targets = torch.tensor(labels)
     return int((top5[:, 0] == targets).sum()), int((top5 == targets[:, None]).any(1).sum()), len(labels)
+
+
+def timm_validate(checkpoint: Path, img_size: int, crop_pct: float) -> tuple[int, int, int]:
+    """What timm's validate.py computes, in this process: timm's load_checkpoint (through
+    create_model's checkpoint_path), resolve_data_config, its wds reader over our shards,
+    create_loader with its eval transform, timm.utils.accuracy. (top-1, top-5, samples)."""
+    model = timm.create_model("hrnet_tiny_c", num_classes=10, checkpoint_path=str(checkpoint)).eval()
+    config = timm.data.resolve_data_config({"input_size": (3, img_size, img_size), "crop_pct": crop_pct}, model=model)
+    dataset = timm.data.create_dataset("wds/digits", root=str(DIGITS), split="val", is_training=False)
+    loader = timm.data.create_loader(dataset, input_size=config["input_size"], batch_size=64, use_prefetcher=False,
+                                     interpolation=config["interpolation"], mean=config["mean"], std=config["std"],
+                                     num_workers=0, crop_pct=config["crop_pct"], crop_mode=config["crop_mode"])
+    top1 = top5 = n = 0
+    with torch.no_grad():
+        for images, targets in loader:
+            acc1, acc5 = timm.utils.accuracy(model(images), targets, topk=(1, 5))
+            top1, top5, n = top1 + acc1.item() * len(targets) / 100, top5 + acc5.item() * len(targets) / 100, \
+                n + len(targets)
+    return round(top1), round(top5), n
+
+
+@pytest.mark.slow  # trains the fixture model (~6 s)
+@pytest.mark.parametrize("crop_pct", ["0.875", "0.95"])
+def test_timms_own_validation_path_gives_exactly_our_numbers(trained, tmp_path, crop_pct: str) -> None:
+    # 128 px: at crop_pct 0.95 timm resizes to floor(134.7) = 134, where a round() would give 135
+    code, rows = run(["--checkpoint", str(trained["good"]), "--img-size", "128", "--crop-pct", crop_pct], tmp_path)
+    assert code == 0 and rows[0]["samples"] == VAL_SAMPLES
+    assert counts(rows[0]) == timm_validate(trained["good"], 128, float(crop_pct))
 
 
 @pytest.mark.slow  # trains the fixture model (~6 s), then 4 reference passes
@@ -255,6 +287,49 @@ def test_missing_shards_are_a_one_line_usage_error_before_loading(random_ckpts, 
                  ["--checkpoint", "x.pth", "--data", VAL, "--results-file", "out.txt"]):
         assert validate.main(argv) == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+# ---------------------------------------------------------------- timm model folders (local-dir:)
+
+
+def test_local_dir_folders_are_described_from_their_config_json(random_ckpts, tmp_path) -> None:
+    from hrnet_cls.export import main as export
+
+    folder, odd = tmp_path / "a", tmp_path / "odd[1]"  # glob characters: a folder, never a pattern
+    assert export([str(random_ckpts["a"]), str(folder)]) == 0
+    config = json.loads((folder / "config.json").read_text())
+    config["pretrained_cfg"].update(input_size=[3, 64, 64], crop_pct=0.95, interpolation="bicubic",
+                                    mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    shutil.copytree(folder, odd)
+    (odd / "config.json").write_text(json.dumps(config))
+    unknown = tmp_path / "unknown"
+    shutil.copytree(folder, unknown)
+    (unknown / "config.json").write_text(json.dumps({**config, "architecture": "hrnet_nosuch_c"}))
+    names = [f"local-dir:{p}" for p in (folder, odd, tmp_path / "nowhere", unknown)]
+    a, b, nowhere, bad = describe_all(model_specs(names))
+    assert (a.error, a.source, a.model, a.num_classes) == ("", "pretrained", names[0], 10)
+    assert (a.img_size, a.crop_pct, a.interpolation) == (32, 1.0, "bilinear")  # the demo recipe's, as trained
+    assert (a.mean, a.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert (b.error, b.img_size, b.crop_pct, b.interpolation, b.mean, b.std) == (
+        "", 64, 0.95, "bicubic", (0.5,) * 3, (0.25,) * 3)
+    assert nowhere.error == f"{names[2]}: {tmp_path / 'nowhere'}: no such model folder"
+    assert bad.error.startswith(f"{names[3]}: unknown timm model 'hrnet_nosuch_c'")
+    (with_weights,) = describe_all(model_specs(names[:1], weights=str(random_ckpts["b"])))
+    assert (with_weights.error, with_weights.source, with_weights.num_classes) == ("", "weights", 10)
+
+
+def test_a_local_dir_folder_validates_like_its_checkpoint_in_the_same_pass(random_ckpts, tmp_path, caplog) -> None:
+    from hrnet_cls.export import main as export
+
+    assert export([str(random_ckpts["b"]), str(tmp_path / "b")]) == 0
+    caplog.set_level(logging.INFO)
+    code, rows = run(["--checkpoint", str(random_ckpts["b"]), "--model", f"local-dir:{tmp_path / 'b'}"], tmp_path)
+    assert code == 0 and [r["error"] for r in rows] == ["", ""]
+    passes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("pass 1/")]
+    assert passes and all(m.startswith("pass 1/1: ") for m in passes)  # same preprocessing: one pass, 2 models
+    assert "2 model(s)" in passes[0]
+    assert [(r["img_size"], r["crop_pct"]) for r in rows] == [(32, 1.0)] * 2
+    assert counts(rows[0]) == counts(rows[1]) and rows[0]["params"] == rows[1]["params"]
 
 
 # ---------------------------------------------------------------- decode once

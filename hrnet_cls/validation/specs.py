@@ -12,6 +12,7 @@ from typing import Any
 import timm
 import torch
 from timm.models import PretrainedCfg, get_pretrained_cfg
+from timm.models._hub import load_model_config_from_path  # what timm.create_model("local-dir:...") reads
 
 from hrnet_cls.config import check_model_name
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -51,7 +52,7 @@ class ModelSpec:
     def failed(self, problem: str) -> ModelSpec:
         """A copy carrying ``problem`` as a one-line error that names the file (or model) once."""
         where = {CHECKPOINT: self.path, WEIGHTS: f"{self.path} ({self.model})"}.get(
-            self.source, f"{self.model} (pretrained)")
+            self.source, self.model if is_local_dir(self.model) else f"{self.model} (pretrained)")
         problem = problem.removeprefix(f"{self.path}: ") if self.path else problem  # errors that name it already
         return dataclasses.replace(self, error=f"{where}: {problem}")
 
@@ -75,12 +76,14 @@ def checkpoint_specs(args: Sequence[str]) -> list[ModelSpec]:
 
 
 def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
-    """--model arguments: timm names (with or without a pretrained tag) or patterns
-    (``hrnet_w18*_c``); each model loads ``weights`` when given, else timm's pretrained weights."""
+    """--model arguments: timm names (with or without a pretrained tag), patterns
+    (``hrnet_w18*_c``), or ``local-dir:FOLDER`` (a timm model folder: config.json + weights, as
+    hrnet_cls.export writes it; never a pattern); each model loads ``weights`` when given, else
+    timm's pretrained weights (a folder's own weights for local-dir:)."""
     source = WEIGHTS if weights else PRETRAINED
     specs = []
     for pattern in patterns:
-        names = timm.list_models(pattern) if glob.has_magic(pattern) else [pattern]
+        names = timm.list_models(pattern) if glob.has_magic(pattern) and not is_local_dir(pattern) else [pattern]
         specs += [ModelSpec(source, weights, model=name) for name in names]
         if not names:
             specs.append(ModelSpec(source, weights, model=pattern).failed("no timm model matches this pattern"))
@@ -90,9 +93,28 @@ def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
 # ---------------------------------------------------------------- describing specs
 
 
+LOCAL_DIR = "local-dir:"  # timm's prefix for a model folder: timm.create_model('local-dir:FOLDER')
+
+
+def is_local_dir(name: str) -> bool:
+    return name.startswith(LOCAL_DIR)
+
+
 def _pretrained_defaults(name: str) -> PretrainedCfg:
     """timm's PretrainedCfg for the name (its default tag), or the generic one."""
     return get_pretrained_cfg(name) or PretrainedCfg()
+
+
+def _local_dir_defaults(name: str) -> PretrainedCfg:
+    """The pretrained_cfg in a ``local-dir:FOLDER``'s config.json, read as timm.create_model does
+    (timm's load_model_config_from_path); its architecture must be registered."""
+    folder = name[len(LOCAL_DIR):]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    cfg, architecture, _ = load_model_config_from_path(folder)
+    check_model_name(architecture)
+    known = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    return PretrainedCfg(**{k: v for k, v in cfg.items() if k in known})
 
 
 def _classes_in(weights: Mapping[str, torch.Tensor], classifier: Any) -> int:
@@ -120,8 +142,11 @@ def _describe_checkpoint(spec: ModelSpec, use_ema: bool, num_classes: int | None
 
 
 def _describe_model(spec: ModelSpec, use_ema: bool, num_classes: int | None) -> ModelSpec:
-    check_model_name(spec.model)
-    cfg = _pretrained_defaults(spec.model)
+    if is_local_dir(spec.model):
+        cfg = _local_dir_defaults(spec.model)
+    else:
+        check_model_name(spec.model)
+        cfg = _pretrained_defaults(spec.model)
     classes = num_classes or cfg.num_classes
     if spec.source == WEIGHTS:  # read now: a missing or unreadable file fails before any pass
         classes = num_classes or _classes_in(read_state_dict(spec.path, use_ema), cfg.classifier) or classes
