@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations (faster on tensor cores)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on large sweeps)")
+    p.add_argument("--no-fold-bn", action="store_true",
+                   help="keep BatchNorm layers (default: folded into the convolutions, same top-1/top-5, faster)")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per forward")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="decoding processes per rank")
     p.add_argument("--num-classes", type=int, default=None, help="override the classifier size of every model")
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     expected, source = expected_samples(shards)
     logger.info("%d shard(s) of %s: %d samples expected (%s)", len(shards), args.data, expected, source)
     settings = SweepSettings(tuple(shards), expected, source, args.batch_size, args.workers, device, precision,
-                             args.channels_last, args.use_ema, args.max_models_per_pass)
+                             args.channels_last, args.use_ema, args.max_models_per_pass, not args.no_fold_bn,
+                             args.compile)
     dist_info = init_distributed()
     try:
         # 2. rows: every (weights, img_size, crop_pct); unreadable inputs become failed rows

@@ -158,6 +158,15 @@ def timm_validate(checkpoint: Path, img_size: int, crop_pct: float) -> tuple[int
 
 
 @pytest.mark.slow  # trains the fixture model (~6 s)
+def test_folding_batchnorm_changes_no_count(trained, tmp_path) -> None:
+    code, folded = run(["--checkpoint", str(trained["good"]), "--img-size", *SIZES], tmp_path, "folded.json")
+    code_plain, plain = run(["--checkpoint", str(trained["good"]), "--img-size", *SIZES, "--no-fold-bn"], tmp_path,
+                            "plain.json")
+    assert code == code_plain == 0
+    assert [counts(r) for r in folded] == [counts(r) for r in plain] and folded[0]["samples"] == VAL_SAMPLES
+
+
+@pytest.mark.slow  # trains the fixture model (~6 s)
 @pytest.mark.parametrize("crop_pct", ["0.875", "0.95"])
 def test_timms_own_validation_path_gives_exactly_our_numbers(trained, tmp_path, crop_pct: str) -> None:
     # 128 px: at crop_pct 0.95 timm resizes to floor(134.7) = 134, where a round() would give 135

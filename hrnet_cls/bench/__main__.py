@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hrnet_cls.bench {models,data,train,val,checkpoint} [options]`` (``--help`` on each)."""
+"""Benchmarks: ``python -m hrnet_cls.bench {models,data,train,val,validate,checkpoint} [options]`` (``--help`` on each)."""
 import importlib
 import sys
 
@@ -7,6 +7,7 @@ BENCHMARKS = {
     'data': 'hrnet_cls.bench.data',  # train input pipeline from shards against timm's wds reader
     'train': 'hrnet_cls.bench.train',  # train-loop overhead against a bare loop, end-to-end images/s
     'val': 'hrnet_cls.bench.val',  # a 4-checkpoint validation sweep against 4 separate runs
+    'validate': 'hrnet_cls.bench.validate',  # validate.py against timm's validate.py, images/s on the same data
     'checkpoint': 'hrnet_cls.bench.checkpoint',  # what verified (sha256) checkpoints cost to save, check, load
 }
 
