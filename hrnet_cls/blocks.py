@@ -6,14 +6,16 @@ so state-dict keys match theirs (docs/design.md section 1).
 from typing import List, Optional
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath as _DropPath
+from timm.layers import register_notrace_function, register_notrace_module
 
 from .recompute import checkpoint_module
 
-__all__ = ['BLOCKS', 'BasicBlock', 'Bottleneck', 'CheckpointSeq', 'Checkpointable', 'HRModule', 'HRStage',
-           'Transition', 'conv_bn', 'units']
+__all__ = ['BLOCKS', 'BasicBlock', 'Bottleneck', 'CheckpointSeq', 'Checkpointable', 'DropPath', 'HRModule',
+           'HRStage', 'Transition', 'conv_bn', 'units']
 
 BN_MOMENTUM = 0.1
 
@@ -26,6 +28,13 @@ def conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool 
     if act:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+@register_notrace_module
+class DropPath(_DropPath):
+    """timm's DropPath, kept whole (a leaf) by timm's FX tracer and feature extraction: it then reads
+    ``self.training`` when run rather than when traced, and torchvision's dead-code pass cannot drop the
+    in-place 1/keep_prob rescale inside timm's drop_path (whose result is unused), which it otherwise does."""
 
 
 class BasicBlock(nn.Module):
@@ -94,8 +103,12 @@ def units(block: type, in_chs: int, width: int, n: int, drop_path: List[float]) 
     return nn.Sequential(*units)
 
 
+@register_notrace_function  # an FX leaf (it branches on shapes) for timm's tracer and feature extraction...
+@torch.fx.wrap  # ...and for plain torch.fx.symbolic_trace; torch.export and torch.compile trace through it
 def _upsample_add(y: torch.Tensor, low: torch.Tensor, scale: int) -> torch.Tensor:
-    """y + nearest_upsample(low, scale) without materialising the upsampled tensor."""
+    """y + nearest_upsample(low, scale) without materialising the upsampled tensor.
+
+    Called as one opaque node by FX graphs, so a traced model keeps both branches (odd sizes work)."""
     b, c, h, w = y.shape
     lh, lw = low.shape[-2:]
     if lh * scale != h or lw * scale != w:

@@ -11,7 +11,7 @@ incre_modules, downsamp_modules, final_layer, classifier``), so their checkpoint
 Compared with timm's ``hrnet.py`` this one adds stochastic depth, gradient checkpointing
 (exact: BN running stats are not updated twice), TorchScript, inputs whose side is not a
 multiple of 32, and a cheaper fuse (nearest upsampling is folded into the sum instead of
-materialising the upsampled tensor).
+materialising the upsampled tensor). Like timm's it traces with torch.fx and takes ``feature_location``.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -21,11 +21,11 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 from timm.models._registry import _model_entrypoints
 
 from .blocks import BLOCKS, BN_MOMENTUM, Bottleneck, Checkpointable, CheckpointSeq, HRModule, HRStage, Transition
 from .blocks import conv_bn, units
+from .features import check_feature_location, feature_info, take_indices
 
 __all__ = ['HighResolutionNetC', 'HRNetCfg', 'Variant', 'VARIANTS', 'MODEL_CFGS', 'PAPER_TOP1', 'STEM_STRIDE']
 
@@ -96,9 +96,11 @@ class HighResolutionNetC(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             channels_last: bool = True,
+            feature_location: str = 'incre',
     ):
         super().__init__()
         _check_args(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+        self.feature_location = check_feature_location(feature_location)  # 'incre' or '': what the features are
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -131,6 +133,7 @@ class HighResolutionNetC(nn.Module):
                 d += cfg.num_units
             setattr(self, f'stage{s + 2}', HRStage(*modules))
             chs = new_chs
+        self.streams = nn.ModuleList([nn.Identity() for _ in chs])  # taps naming the raw streams (no state)
 
         # head: incre bottleneck per stream, then cascade down to 1/32 and a 1x1 conv
         head = [w * Bottleneck.expansion for w in cfg.head_widths]
@@ -142,8 +145,7 @@ class HighResolutionNetC(nn.Module):
         self.global_pool, self.head_drop, self.classifier = create_classifier(
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
-        self.feature_info = [dict(num_chs=cfg.stem_width, reduction=2, module='act1')] + [
-            dict(num_chs=c, reduction=STEM_STRIDE << i, module=f'incre_modules.{i}') for i, c in enumerate(head)]
+        self.feature_info = feature_info(cfg.stem_width, chs, head, feature_location, STEM_STRIDE)
         self._init_weights()
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; state-dict values unchanged
@@ -198,8 +200,11 @@ class HighResolutionNetC(nn.Module):
         """Stem output -> the four streams (B, C * 2^i, H / 2^(i+2), W / 2^(i+2))."""
         xl = self.transition1([self.layer1(x)])
         xl = self.transition2(self.stage2(xl))
-        xl = self.transition3(self.stage3(xl))
-        return self.stage4(xl)
+        xl = self.stage4(self.transition3(self.stage3(xl)))
+        out: List[torch.Tensor] = []
+        for i, tap in enumerate(self.streams):
+            out.append(tap(xl[i]))
+        return out
 
     def forward_head_features(self, xl: List[torch.Tensor]) -> torch.Tensor:
         """Cascade: y = incre0(x0); y = incre_i(x_i) + down_i(y); then the 1x1 conv to num_features."""
@@ -221,14 +226,6 @@ class HighResolutionNetC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def _take_indices(self, indices: Optional[Union[int, List[int]]]) -> Tuple[List[int], int]:
-        n = len(self.feature_info)
-        if isinstance(indices, int) and not 0 < indices <= n:
-            raise ValueError(f'out_indices / indices={indices} out of range: last-n must be 1..{n}')
-        if isinstance(indices, (list, tuple)) and any(not -n <= i < n for i in indices):
-            raise ValueError(f'out_indices / indices={list(indices)} out of range: features are 0..{n - 1}')
-        return feature_take_indices(n, indices)
-
     @torch.jit.ignore
     def forward_intermediates(
             self,
@@ -239,13 +236,14 @@ class HighResolutionNetC(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features at index 0: stem (stride 2); 1-4: the streams after their incre bottleneck.
+        """Features at index 0: stem (stride 2); 1-4: the streams after their incre bottleneck
+        (feature_location='incre') or the raw streams ('').
 
         Returns the intermediates, or (forward_features output, intermediates).
         """
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r} unsupported: HRNet-C features are 'NCHW'")
-        take, max_index = self._take_indices(indices)
+        take, max_index = take_indices(len(self.feature_info), indices)
         stop_early = stop_early or intermediates_only
         feats: List[torch.Tensor] = []
         x = self.act1(self.bn1(self.conv1(self._to_layout(x))))
@@ -254,17 +252,22 @@ class HighResolutionNetC(nn.Module):
         if stop_early and max_index == 0:
             return feats if intermediates_only else (x, feats)
         xl = self.forward_streams(self.act2(self.bn2(self.conv2(x))))
-        n_incre = max_index if stop_early else len(self.incre_modules)
+        raw = self.feature_location == ''
+        if raw:  # the streams are the features; the head runs only for the final output
+            feats.extend([xl[i] for i in range(len(xl)) if i + 1 in take])
+            n_incre = 0 if intermediates_only else len(self.incre_modules)
+        else:
+            n_incre = max_index if stop_early else len(self.incre_modules)
         y = None
         for i in range(n_incre):
             t = self.incre_modules[i](xl[i])
-            if i + 1 in take:
+            if i + 1 in take and not raw:
                 feats.append(t)
             if not intermediates_only:
                 y = t if y is None else t + self.downsamp_modules[i - 1](y)
         if intermediates_only:
             return feats
-        if n_incre < len(self.incre_modules) or self.final_layer is None:
+        if n_incre < len(self.streams) or self.final_layer is None:
             raise ValueError('the final features need the whole head: call with stop_early=False on an unpruned model')
         return self.final_layer(y), feats
 
@@ -275,9 +278,11 @@ class HighResolutionNetC(nn.Module):
             prune_norm: bool = False,
             prune_head: bool = True,
     ) -> List[int]:
-        """Drop what the selected intermediates do not need (later incre blocks, the cascade, the classifier)."""
-        take, max_index = self._take_indices(indices)
-        self.incre_modules = self.incre_modules[:max_index]
+        """Drop what the selected intermediates do not need: the incre blocks after the last one taken
+        (all of them for feature_location=''), and with prune_head the cascade and the classifier."""
+        take, max_index = take_indices(len(self.feature_info), indices)
+        keep = max_index if self.feature_location == 'incre' else 0 if prune_head else len(self.incre_modules)
+        self.incre_modules = self.incre_modules[:keep]
         if prune_head:
             self.downsamp_modules = nn.ModuleList()
             self.final_layer = None

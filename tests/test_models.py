@@ -188,6 +188,8 @@ def test_bad_arguments_are_named():
         timm.create_model(TINY, drop_path_rate=1.5)
     with pytest.raises(ValueError, match='out_indices'):
         timm.create_model(TINY, features_only=True, out_indices=(0, 5))
+    with pytest.raises(ValueError, match='feature_location'):
+        timm.create_model(TINY, features_only=True, feature_location='stage4')
 
 
 def test_overrides_never_leak_into_the_next_model():
