@@ -4,6 +4,7 @@ torch's FlopCounterMode counts 2 FLOPs per multiply-add of convolutions and matr
 products (a Linear's bias add is not counted), from the shapes of a real forward pass:
 half of its total is exactly the paper's conv + linear multiply-adds for these networks.
 """
+import copy
 from typing import Tuple
 
 import torch
@@ -14,14 +15,12 @@ __all__ = ['count_macs']
 
 
 def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224)) -> int:
-    """Multiply-adds of one image's forward pass (eval mode, no gradients)."""
-    was_training = model.training
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device('cpu')
-    try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size, device=device))
-    finally:
-        model.train(was_training)
+    """Multiply-adds of one image's forward pass (eval mode, no gradients).
+
+    Counted on a meta-device copy of the model: shapes only, no arithmetic, so a large model
+    at a large size costs milliseconds, and an input size the model cannot take still raises.
+    """
+    meta = copy.deepcopy(model).to('meta').eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(1, *input_size, device='meta'))
     return counter.get_total_flops() // 2

@@ -108,8 +108,8 @@ def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, i
             if key not in macs:  # a forward at img_size on the CPU: an unusable size fails here
                 macs[key] = count_macs(model, (3, row.img_size, row.img_size))
             row.params, row.gmacs = sum(p.numel() for p in model.parameters()), macs[key] / 2**30
-            if settings.fold_bn:  # checked on two random images against the unfolded model
-                model = fold_batchnorm(model, check=torch.randn(2, 3, row.img_size, row.img_size))
+            if settings.fold_bn:  # checked against the unfolded model on a small batch (any size shows a misfold)
+                model = fold_batchnorm(model, check=torch.randn(2, 3, 64, 64))
             model = model.to(settings.device, memory_format=torch.channels_last if settings.channels_last
                              else torch.preserve_format)
             models.append(torch.compile(model) if settings.compile else model)
