@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m hrnet_cls.bench {models,data,train,val,validate,checkpoint} [options]`` (``--help`` on each)."""
+"""Benchmarks: ``python -m hrnet_cls.bench {models,data,train,val,validate,checkpoint,gpu} [options]`` (``--help`` on each)."""
 import importlib
 import sys
 
@@ -9,6 +9,7 @@ BENCHMARKS = {
     'val': 'hrnet_cls.bench.val',  # a 4-checkpoint validation sweep against 4 separate runs
     'validate': 'hrnet_cls.bench.validate',  # validate.py against timm's validate.py, images/s on the same data
     'checkpoint': 'hrnet_cls.bench.checkpoint',  # what verified (sha256) checkpoints cost to save, check, load
+    'gpu': 'hrnet_cls.bench.gpu',  # the one-command GPU check (--smoke: the same code, tiny, on a CPU)
 }
 
 
