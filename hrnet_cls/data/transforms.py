@@ -8,6 +8,13 @@ by PIL with timm's filter, the centre crop, then ToTensor + Normalize's float ar
 (tests/test_transforms.py compares against timm's transform itself).
 
 Train-time speed, per image (decode dominates):
+- JPEGs in YCbCr, grayscale or RGB are decoded by libjpeg-turbo through simplejpeg with
+  PIL's settings (ISLOW IDCT, fancy upsampling, the scale PIL's draft would pick): the same
+  pixels as PIL, about 1.2x the training pipeline's speed (tests/test_decode.py pins the
+  equality; BENCHMARKS.md, input pipeline). Any other image (CMYK, MPO, PNG, ..., a JPEG
+  above PIL's decompression-bomb limit), and any JPEG simplejpeg refuses or warns about,
+  goes through PIL exactly as before; so does everything when simplejpeg is not installed.
+  Evaluation always decodes with PIL (timm's pixels).
 - the crop box is chosen from the header size before decoding, then a JPEG is decoded at
   1/2, 1/4 or 1/8 scale (``Image.draft``) when the box still covers at least ``size``
   pixels per side at that scale: a smaller decode never drops below the output resolution;
@@ -31,12 +38,19 @@ import torch.nn.functional as F
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "eval_crop", "eval_resize",
+try:
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel: PIL decodes every image
+    simplejpeg = None
+
+__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "draft_factor", "eval_crop", "eval_resize",
            "random_resized_crop_box", "sample_rng", "train_crop"]
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # timm's str_to_interp_mode, for PIL
 _DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg performs while decoding
+# JPEG colour spaces simplejpeg turns into PIL's RGB pixels; CMYK / YCCK go through PIL's own conversion
+_TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
 
 
 def sample_rng(*parts: object) -> random.Random:
@@ -88,6 +102,41 @@ def wide_gray_to_uint8(img: Image.Image) -> np.ndarray:
     return (values >> 8).astype(np.uint8)
 
 
+def draft_request(width: int, height: int, keep: float) -> tuple[int, int] | None:
+    """The size _decode asks ``Image.draft`` for (None: no draft) when the region of interest
+    is ``keep`` times larger per side than needed: ceil(side / wanted), ``wanted`` the largest
+    of (8, 4, 2) <= keep."""
+    if keep < 2:
+        return None
+    wanted = next(s for s in _DRAFT_SCALES if s <= keep)
+    return -(-width // wanted), -(-height // wanted)
+
+
+def draft_factor(width: int, height: int, keep: float) -> int:
+    """The reduction PIL's draft applies to a width x height JPEG for draft_request's size:
+    the largest s in (8, 4, 2, 1) with s <= min(width // w, height // h) of the request. A
+    side not divisible by ``wanted`` rounds the request up, so the factor is one step below
+    ``wanted`` then (1000x750 at wanted 4: 750 // 188 = 3, factor 2)."""
+    request = draft_request(width, height, keep)
+    if request is None:
+        return 1
+    fits = min(width // request[0], height // request[1])
+    return next(s for s in (8, 4, 2, 1) if fits >= s)
+
+
+def draft(img: Image.Image, keep: float) -> int:
+    """Set up a not yet loaded JPEG ``img`` to decode at reduced scale as draft_request says;
+    returns the factor (1 for other formats, or when no reduction applies)."""
+    request = draft_request(img.width, img.height, keep) if img.format == "JPEG" else None
+    if request is None:
+        return 1
+    full_width = img.width
+    drafted = img.draft("RGB", request)
+    if drafted is None:
+        return 1
+    return round(full_width / drafted[1][2])  # drafted: (mode, (0, 0, width / factor, height / factor))
+
+
 def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
     """(pixels as a read-only (H, W, 3) uint8 array, reduction factor applied while decoding).
 
@@ -95,14 +144,7 @@ def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
     JPEG is decoded at 1/s scale for the largest s in (8, 4, 2) with s <= keep. 16-bit
     grayscale is reduced to 8 bits (value >> 8) instead of being clipped at 255.
     """
-    factor = 1
-    if img.format == "JPEG" and keep >= 2:
-        wanted = next(s for s in _DRAFT_SCALES if s <= keep)
-        full_width = img.width
-        # draft picks the largest libjpeg scale <= full size // requested size, here `wanted`
-        drafted = img.draft("RGB", (-(-img.width // wanted), -(-img.height // wanted)))
-        if drafted is not None:  # (mode, (0, 0, width / factor, height / factor))
-            factor = round(full_width / drafted[1][2])
+    factor = draft(img, keep)
     img.load()
     if img.mode in WIDE_GRAY_MODES:
         pixels = np.repeat(wide_gray_to_uint8(img)[:, :, None], 3, axis=2)
@@ -123,19 +165,76 @@ def _resize(region: np.ndarray, size: tuple[int, int], interpolation: str) -> to
     return F.interpolate(pixels, size=size, mode=interpolation, antialias=True, align_corners=False)[0]
 
 
+def turbo_header(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that simplejpeg decodes to PIL's pixels; None for anything
+    PIL should decode: not a JPEG, CMYK / YCCK, a header simplejpeg refuses, an MPO (PIL
+    never drafts those: its format is "MPO"), or a size PIL's decompression-bomb check
+    would warn or stop at."""
+    if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"MPF\x00" in data:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError):
+        return None
+    if colorspace not in _TURBO_COLORSPACES or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
+        return None
+    return width, height
+
+
+def turbo_decode(data: bytes, width: int, height: int, factor: int) -> np.ndarray:
+    """(ceil(height / factor), ceil(width / factor), 3) uint8: libjpeg-turbo at scale 1/factor
+    with PIL's settings (ISLOW IDCT, fancy upsampling); raises ValueError where libjpeg warns
+    (strict: a truncated or corrupt file), so that PIL decides about such files."""
+    if factor == 1:
+        return simplejpeg.decode_jpeg(data, "RGB")
+    # the smallest libjpeg-turbo scale (num/8) keeping ceil(side / factor) pixels is 1/factor
+    return simplejpeg.decode_jpeg(data, "RGB", min_height=-(-height // factor), min_width=-(-width // factor))
+
+
+def crop_resize(pixels: np.ndarray, factor: int, box: tuple[int, int, int, int], flip: bool, size: int,
+                interpolation: str) -> torch.Tensor:
+    """The (left, top, w, h) box of the original image, from pixels decoded at 1/factor scale,
+    resized to (3, size, size) uint8 and flipped if asked."""
+    left, top, w, h = box
+    # decoded pixel i covers original pixels [i * f, (i + 1) * f)
+    x0, y0 = left // factor, top // factor
+    x1, y1 = max(x0 + 1, round((left + w) / factor)), max(y0 + 1, round((top + h) / factor))
+    out = _resize(pixels[y0:y1, x0:x1], (size, size), interpolation)
+    return out.flip(-1) if flip else out
+
+
 def train_crop(data: bytes, size: int, rng: random.Random, *, scale: tuple[float, float] = (0.08, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                interpolation: str = "bilinear") -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip of encoded image bytes -> (3, size, size) uint8."""
+    """RandomResizedCrop + horizontal flip of encoded image bytes -> (3, size, size) uint8.
+
+    The same pixels whichever decoder runs: simplejpeg for the JPEGs turbo_header accepts,
+    PIL (train_crop_pil) for everything else and for a JPEG simplejpeg fails on.
+    """
+    header = turbo_header(data)
+    if header is not None:
+        state = rng.getstate()
+        box = random_resized_crop_box(*header, rng, scale, ratio)
+        flip = rng.random() < hflip
+        factor = draft_factor(*header, min(box[2], box[3]) / size)
+        try:
+            pixels = turbo_decode(data, *header, factor)
+        except (ValueError, RuntimeError):
+            rng.setstate(state)  # PIL draws the same box again
+        else:
+            return crop_resize(pixels, factor, box, flip, size, interpolation)
+    return train_crop_pil(data, size, rng, scale=scale, ratio=ratio, hflip=hflip, interpolation=interpolation)
+
+
+def train_crop_pil(data: bytes, size: int, rng: random.Random, *, scale: tuple[float, float] = (0.08, 1.0),
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
+                   interpolation: str = "bilinear") -> torch.Tensor:
+    """train_crop with PIL decoding every image."""
     img = Image.open(io.BytesIO(data))
-    left, top, w, h = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
+    box = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
     flip = rng.random() < hflip
-    pixels, f = _decode(img, min(w, h) / size)
-    # decoded pixel i covers original pixels [i * f, (i + 1) * f)
-    x0, y0 = left // f, top // f
-    x1, y1 = max(x0 + 1, round((left + w) / f)), max(y0 + 1, round((top + h) / f))
-    out = _resize(pixels[y0:y1, x0:x1], (size, size), interpolation)
-    return out.flip(-1) if flip else out
+    pixels, factor = _decode(img, min(box[2], box[3]) / size)
+    return crop_resize(pixels, factor, box, flip, size, interpolation)
 
 
 def eval_resize(img_size: int, crop_pct: float) -> int:
