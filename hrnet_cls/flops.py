@@ -20,7 +20,10 @@ def count_macs(model: nn.Module, input_size: Tuple[int, int, int] = (3, 224, 224
     Counted on a meta-device copy of the model: shapes only, no arithmetic, so a large model
     at a large size costs milliseconds, and an input size the model cannot take still raises.
     """
-    meta = copy.deepcopy(model).to('meta').eval()
+    # the copy shares nothing with the model and copies no weight: each tensor maps to a meta twin
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device='meta'), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device='meta') for b in model.buffers()})
+    meta = copy.deepcopy(model, memo).eval()
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         meta(torch.zeros(1, *input_size, device='meta'))
     return counter.get_total_flops() // 2

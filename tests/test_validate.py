@@ -166,6 +166,14 @@ def test_folding_batchnorm_changes_no_count(trained, tmp_path) -> None:
     assert [counts(r) for r in folded] == [counts(r) for r in plain] and folded[0]["samples"] == VAL_SAMPLES
 
 
+@pytest.mark.slow  # trains the fixture model (~6 s), then compiles it (~20 s)
+def test_compiled_with_frozen_weights_gives_the_eager_counts(trained, tmp_path) -> None:
+    code, compiled = run(["--checkpoint", str(trained["good"]), "--compile"], tmp_path, "compiled.json")
+    code_eager, eager = run(["--checkpoint", str(trained["good"])], tmp_path, "eager.json")
+    assert code == code_eager == 0 and compiled[0]["samples"] == VAL_SAMPLES
+    assert counts(compiled[0]) == counts(eager[0])
+
+
 @pytest.mark.slow  # trains the fixture model (~6 s)
 @pytest.mark.parametrize("crop_pct", ["0.875", "0.95"])
 def test_timms_own_validation_path_gives_exactly_our_numbers(trained, tmp_path, crop_pct: str) -> None:
@@ -374,6 +382,22 @@ def test_validation_benchmark_runs_and_reports_the_ratio(tmp_path) -> None:
     assert result["results"]["sweep"]["loader_passes"] == 1 and result["results"]["separate"]["loader_passes"] == 4
     assert result["results"]["separate"]["samples_decoded"] == 4 * VAL_SAMPLES
     assert result["separate_over_sweep"] > 0
+
+
+def test_validate_benchmark_compares_with_timms_path_at_two_sizes(tmp_path) -> None:
+    from hrnet_cls.bench.validate import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--model", "hrnet_w18_small_c", "--timm-model", "hrnet_w18_small", "--images", "8",
+                 "--start-images", "4", "--img-size", "64", "--batch-size", "4", "--threads", "1", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == {"full": 8, "start": 4}
+    for size, n in result["images"].items():  # both sides saw every sample of each shard set
+        assert result["counts"][size]["ours"][2] == result["counts"][size]["timm"][2] == n
+    assert result["ratio"] > 0 and result["steady_ratio"] > 0
+    with pytest.raises(SystemExit, match="--start-images 8 must be between 0 and --images 8"):
+        main(["--images", "8", "--start-images", "8"])
 
 
 # ---------------------------------------------------------------- two processes
