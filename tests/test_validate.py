@@ -395,7 +395,9 @@ def test_validate_benchmark_compares_with_timms_path_at_two_sizes(tmp_path) -> N
     assert result["images"] == {"full": 8, "start": 4}
     for size, n in result["images"].items():  # both sides saw every sample of each shard set
         assert result["counts"][size]["ours"][2] == result["counts"][size]["timm"][2] == n
-    assert result["ratio"] > 0 and result["steady_ratio"] > 0
+    assert result["ratio"] > 0  # the steady ratio needs more images than this to rise above the noise
+    assert result["steady_ratio"] is None or result["steady_ratio"] > 0
+    assert set(result["model_alone_images_per_s"]) == {"ours", "timm"}
     with pytest.raises(SystemExit, match="--start-images 8 must be between 0 and --images 8"):
         main(["--images", "8", "--start-images", "8"])
 

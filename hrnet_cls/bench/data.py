@@ -28,6 +28,7 @@ key), random_resized_crop_box and draft rule, transforms.draft_factor):
   Image.draft call train_crop_pil makes for that sample's box (no reduction at 500x375:
   a 224 px box is never 2x the output there);
 - the same two through simplejpeg (transforms.turbo_decode), the decoder train ours uses;
+- torchvision.io.decode_jpeg on the CPU, full size (it has no reduced-scale decode);
 - train ours as a fraction of each: pipeline images/s per worker / decode-only images/s,
   per round, median and range over the rounds;
 - where the time goes: one more pass of each training pipeline, run stage by stage as
@@ -65,6 +66,7 @@ import PIL.features
 import timm
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from hrnet_cls.data import build_train_loader, build_val_loader, expand_urls, shard_lengths, transforms
 from hrnet_cls.data.sources import Segment, SkipCounter, chunks, read_segment, shuffle_buffer
@@ -206,6 +208,9 @@ def decode_passes() -> dict[str, Callable[[list[Planned]], None]]:
         "decode only, full (PIL)": lambda plan: [_pil_load(d, 1.0) for d, *_ in plan],
         "decode only, draft as the pipeline (PIL)": lambda plan: [_pil_load(d, k) for d, _, _, _, _, k in plan],
     }
+    # torchvision's CPU decoder (libjpeg-turbo too): full size only, it has no reduced-scale decode
+    found["decode only, full (torchvision)"] = lambda plan: [
+        decode_jpeg(torch.frombuffer(bytearray(d), dtype=torch.uint8), mode=ImageReadMode.RGB) for d, *_ in plan]
     if transforms.simplejpeg is not None:
         found["decode only, full (simplejpeg)"] = lambda plan: [turbo_decode(d, w, h, 1) for d, w, h, *_ in plan]
         found["decode only, draft as the pipeline (simplejpeg)"] = lambda plan: [

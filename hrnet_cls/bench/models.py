@@ -114,13 +114,19 @@ def bench_pair(ours_name: str, timm_name: str, args: argparse.Namespace) -> List
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, 1000, (args.batch,), device=device)
-    for i in range(args.warmup + args.iters):
+    first = {}
+    for r in runners:  # the first step alone: allocator warm-up, cuDNN autotuning and, with --compile, the compile
+        start = time.perf_counter()
+        r.step(x, y, timed=False)
+        first[r.name] = time.perf_counter() - start
+    untimed = max(args.warmup, 1) - 1  # the first step was one of the warm-up steps
+    for i in range(untimed + args.iters):
         for r in runners:  # interleaved
-            r.step(x, y, timed=i >= args.warmup)
+            r.step(x, y, timed=i >= untimed)
     rows = []
     for r in runners:
         median = statistics.median(r.times)
-        rows.append(dict(model=r.name, step_s=median, images_per_s=args.batch / median,
+        rows.append(dict(model=r.name, step_s=median, images_per_s=args.batch / median, first_step_s=first[r.name],
                          peak_mem_mib=peak_memory_bytes(r, x, y) / 2**20))
     base = rows[0]
     for row in rows:
@@ -139,11 +145,11 @@ def environment(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    print(f"{'model':32} {'step s':>8} {'img/s':>9} {'peak MiB':>9} {'speed x':>8} {'mem x':>6}")
+    print(f"{'model':32} {'step s':>8} {'img/s':>9} {'peak MiB':>9} {'speed x':>8} {'mem x':>6} {'first s':>8}")
     for r in rows:
         mem_x = f"{r['mem_vs_timm']:.2f}" if r['mem_vs_timm'] is not None else '-'
         print(f"{r['model']:32} {r['step_s']:8.3f} {r['images_per_s']:9.1f} {r['peak_mem_mib']:9.0f} "
-              f"{r['speed_vs_timm']:8.2f} {mem_x:>6}")
+              f"{r['speed_vs_timm']:8.2f} {mem_x:>6} {r['first_step_s']:8.2f}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -77,7 +77,7 @@ class Profile:
 FULL = Profile(
     timm_w18="hrnet_w18", w18="hrnet_w18_c", w44="hrnet_w44_c", w48="hrnet_w48_c", img_size=224, batch=256,
     val_batch=1024, precision="bf16", compile_backend="inductor", warmup=3, iters=10, fp16_steps=(4, 8),
-    images=5120, unique_images=1024, loader_batch=64, decode_batch=256, decode_iters=8,
+    images=10240, unique_images=1024, loader_batch=64, decode_batch=256, decode_iters=8,
     train_model="hrnet_w18_c", train_batch=256, train_steps=300, train_log_interval=10, train_compile=True,
     e2e_repeats=2, e2e_estimate_s=25.0, compile_estimate_s=45.0,
     budgets={1: 140.0, 2: 30.0, 3: 20.0, 4: 70.0, 5: 30.0, 6: 130.0}, time_limit_s=440.0)
