@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="autocast dtype; auto = bf16 on CUDA, fp32 on CPU")
     p.add_argument("--channels-last", action="store_true", help="NHWC activations (faster on tensor cores)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each model (pays off on large sweeps)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each model, weights frozen (inductor freezing): slow first batch; for large sweeps")
     p.add_argument("--no-fold-bn", action="store_true",
                    help="keep BatchNorm layers (default: folded into the convolutions, same top-1/top-5, faster)")
     p.add_argument("--batch-size", type=int, default=256, help="images per process per forward")

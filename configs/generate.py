@@ -83,13 +83,12 @@ DEMO_HEADER = """\
 #   python train.py --config demo_digits.yaml
 #   torchrun --nproc_per_node=2 train.py --config demo_digits.yaml
 #
-# Target: >= 90% val top-1 in < 3 minutes on 2 CPU cores. Measured 2026-11-20, 2 cores of
-# an AMD EPYC VM, torch 2.15 CPU, the command above (W&B offline): val top-1 95.00%,
-# top-5 100.00% on the 360 val images after 30 epochs, 45-50 s wall including start-up
-# (n=2 runs; a fixed seed gives bit-identical results on one machine). train.seed=1 / 2:
-# 95.83% / 94.44%. 20 epochs (lr /10 at 14, 18) gave 92.2-94.4% over 4 seeds, hence 30.
+# Target: >= 90% val top-1 in < 3 minutes on 2 CPU cores. Measured: BENCHMARKS.md (f)
+# gives the machine, torch version, seeds and the range over runs (n=3 on 2026-12-01:
+# 93.6-95.3% top-1, 100% top-5 on the 360 val images, 60-67 s wall including start-up).
+# A fixed seed repeats bit for bit on one machine, not across machines or torch versions.
 # precision auto = fp32 on CPU; channels_last: HRNet-C's NHWC convolutions are faster on
-# CPU too (1.24 vs 1.52 s per epoch here). Shard paths are relative to the repository
+# CPU too (BENCHMARKS.md (a)). Shard paths are relative to the repository
 # root. LR scaling rule as in the paper recipes: lr = 0.1 x global_batch / 256 is the
 # ImageNet starting point; this tiny problem tolerates a larger lr.
 # Written by configs/generate.py; this file is the source of truth, edit it directly.
