@@ -139,6 +139,8 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    elif args.smoke:  # the code path, not speed: one thread cannot spin-wait against a busy machine's other work
+        torch.set_num_threads(1)
     end = start + p.time_limit_s
     result = {"smoke": args.smoke, "profile": dataclasses.asdict(p), "environment": environment(device, argv),
               "sections_run": numbers, "sections": {}, "seconds": 0.0}
