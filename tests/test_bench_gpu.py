@@ -71,6 +71,7 @@ def test_smoke_rows_hold_the_measurements_each_section_promises(smoke) -> None:
     assert run["steps_done"] >= smoke["json"]["profile"]["train_steps"] and run["images_per_s"] > 0
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_without_cuda_the_full_run_refuses_in_one_line(tmp_path) -> None:
     run = bench("--out", str(tmp_path), timeout=120, CUDA_VISIBLE_DEVICES="")
     assert run.returncode == 2
@@ -79,6 +80,7 @@ def test_without_cuda_the_full_run_refuses_in_one_line(tmp_path) -> None:
     assert not (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_an_unknown_section_is_refused_naming_it(tmp_path) -> None:
     run = bench("--smoke", "--sections", "1,9", "--out", str(tmp_path), timeout=120)
     assert run.returncode != 0 and "--sections '1,9': no section [9]" in run.stderr
