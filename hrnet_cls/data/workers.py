@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import signal
 import sys
 from typing import Iterable, Iterator
@@ -16,6 +17,11 @@ from hrnet_cls.data.transforms import INTERPOLATIONS
 # per epoch. The workers touch no CUDA state.
 _WORKER_START = "fork" if sys.platform.startswith("linux") else None
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # torchrun forwards TERM, INT, HUP
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

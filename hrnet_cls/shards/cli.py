@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Sequence
 
+from hrnet_cls.data.workers import usable_cores
 from hrnet_cls.shards.scan import SourceError
 from hrnet_cls.shards.writer import write_split
-
-def _default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m hrnet_cls.shards", description="Write image datasets as webdataset tar shards.")
@@ -25,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--seed", type=int, default=0, help="seed of the write-time sample shuffle")
     write.add_argument("--max-per-shard", type=int, default=1000, help="samples per shard at most")
     write.add_argument("--max-shard-bytes", type=int, default=1 << 30, help="bytes per shard at most")
-    write.add_argument("--workers", type=int, default=_default_workers(),
+    write.add_argument("--workers", type=int, default=usable_cores(),
                        help="processes decoding and writing (default: all CPUs)")
     write.add_argument("--name", help="dataset name stored in _info.json (default: OUT_DIR's name)")
     write.add_argument("--no-json", action="store_true", help="omit the KEY.json sidecars (source path, "

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
 import platform
 import shlex
 import signal
@@ -22,6 +21,8 @@ import torch
 import torchvision
 
 from hrnet_cls.bench.data import machine
+from hrnet_cls.data.workers import usable_cores
+from hrnet_cls.evaluation import one_line
 
 REPO = Path(__file__).resolve().parents[3]
 STARTED = time.perf_counter()  # the clock of --time-limit and of the progress lines
@@ -104,24 +105,9 @@ def smoke_profile() -> Profile:
         budgets={1: 90.0, 2: 30.0, 3: 20.0, 4: 40.0, 5: 25.0, 6: 60.0}, time_limit_s=175.0)
 
 
-def cores() -> int:
-    """CPU cores this process may use (what DataLoader workers get: "every core")."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def log(message: str) -> None:
     """A progress line: wall clock and seconds since the command started."""
     print(f"[{datetime.now():%H:%M:%S} +{time.perf_counter() - STARTED:6.1f}s] {message}", flush=True)
-
-
-def one_line(exc: BaseException, limit: int = 300) -> str:
-    """An exception as one line for the JSON and the table (compile errors span pages)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    text = f"{type(exc).__name__}: {lines[0] if lines else '(no message)'}"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class SectionTimeout(BaseException):
@@ -231,7 +217,7 @@ def synthetic_batch(ctx: Context, batch: int, channels_last: bool, classes: int 
 def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
     env = machine() | {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torchvision": torchvision.__version__,
-        "timm": timm.__version__, "cuda": torch.version.cuda, "cores_usable": cores(), "executable": sys.executable,
+        "timm": timm.__version__, "cuda": torch.version.cuda, "cores_usable": usable_cores(), "executable": sys.executable,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "machine": platform.machine(), "command": shlex.join(["python", "-m", "hrnet_cls.bench", "gpu", *argv]),
         "device": str(device), "gpu": None,

@@ -13,13 +13,15 @@ from typing import Callable
 
 import torch
 
-from hrnet_cls.bench.gpu.common import (FULL, Context, Profile, SectionTimeout, cores, environment, log, one_line,
-                                        smoke_profile, time_limit)
+from hrnet_cls.bench.gpu.common import (FULL, Context, Profile, SectionTimeout, environment, log, smoke_profile,
+                                        time_limit)
 from hrnet_cls.bench.gpu.fp16 import fp16_section
 from hrnet_cls.bench.gpu.infer import validation_section
 from hrnet_cls.bench.gpu.pipeline import input_pipeline_section, write_shards
 from hrnet_cls.bench.gpu.step import grad_ckpt_section, train_step_section
 from hrnet_cls.bench.gpu.trainrun import train_py_section
+from hrnet_cls.data.workers import usable_cores
+from hrnet_cls.evaluation import one_line
 
 # number -> (result key, title, function, columns of the markdown table)
 SECTIONS: dict[int, tuple[str, str, Callable[[Context, dict], None], tuple[str, ...]]] = {
@@ -145,7 +147,7 @@ def main(argv: list[str]) -> int:
     result = {"smoke": args.smoke, "profile": dataclasses.asdict(p), "environment": environment(device, argv),
               "sections_run": numbers, "sections": {}, "seconds": 0.0}
     with tempfile.TemporaryDirectory(prefix="bench-gpu-") as tmp:
-        ctx = Context(args, p, device, Path(tmp), args.workers or cores())
+        ctx = Context(args, p, device, Path(tmp), args.workers or usable_cores())
         if NEEDS_SHARDS & set(numbers):
             ctx.shards = write_shards(Path(tmp), p.images, p.unique_images, ctx.workers)
             result["shards"] = {"images": ctx.shards.images, "unique": p.unique_images,
