@@ -42,10 +42,11 @@ from hrnet_cls.data.sources import info_num_classes
 from hrnet_cls.distributed import (DistInfo, all_gather_object, barrier, broadcast_buffers, broadcast_object,
                                    cleanup, init_distributed)
 from hrnet_cls.engine import NonFiniteLossError, TrainParts, build_parts, train_one_epoch
-from hrnet_cls.evaluation import evaluate, one_line
+from hrnet_cls.errors import one_line, os_error_line
+from hrnet_cls.evaluation import evaluate
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from hrnet_cls.run_dir import PREEMPTED_MARKER, RunDirError, RunStart, open_run, os_error_line
+from hrnet_cls.run_dir import PREEMPTED_MARKER, RunDirError, RunStart, open_run
 from hrnet_cls.tracking import Tracker
 from hrnet_cls.weights import init_from, read_state_dict
 

@@ -44,6 +44,7 @@ from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile 
 from torch import nn
 
 from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, verify, write_atomic
+from hrnet_cls.errors import one_line
 from hrnet_cls.weights import read_file
 
 logger = logging.getLogger(__name__)
@@ -211,7 +212,7 @@ def _check(path: Path) -> str:
     try:
         load_checkpoint(path, mmap=ok is True)  # verified bytes: the pickle is all that is left to read
     except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a foreign dict: all mean "not this one"
-        return " ".join(str(e).split())[:160]
+        return one_line(e)
     return ""
 
 
@@ -224,7 +225,7 @@ def find_resume(output_dir: str | Path) -> Path | None:
         try:
             step = int(load_checkpoint(path, mmap=True)["step"])  # the pickle only: cheap
         except Exception as e:  # noqa: BLE001 - checked in full below
-            tried.append(f"{path.name}: {' '.join(str(e).split())[:160]}")
+            tried.append(f"{path.name}: {one_line(e)}")
             continue
         found.append((step, -order, path))  # ties prefer last.pth
     for step, _, path in sorted(found, reverse=True):

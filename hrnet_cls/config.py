@@ -26,6 +26,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from hrnet_cls.errors import flat
 from hrnet_cls.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ def _translate(e: Exception, source: str) -> ConfigError:
         if problem.startswith("found duplicate key "):  # OmegaConf's loader rejects these, without the file
             line = e.problem_mark.line + 1  # type: ignore[attr-defined]
             return ConfigError(f"duplicate config key '{problem[20:]}' in {source} (line {line})")
-        return ConfigError(f"{source}: invalid YAML: {' '.join(str(e).split())}")
+        return ConfigError(f"{source}: invalid YAML: {flat(e)}")
     key = str(getattr(e, "full_key", None) or "")
     if isinstance(e, ConfigKeyError) and key:
         return _unknown(key, all_keys() if "." in key else list(_SECTIONS) + all_keys())

@@ -137,11 +137,3 @@ def evaluate(models: dict[str, nn.Module], batches: Iterable, *, device: torch.d
         out |= {f"{name}_{k}": v for k, v in metrics.items()} | {f"{name}_skipped": totals.skipped}
     return out
 
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line; ValueErrors and missing files already say what is wrong."""
-    text = " ".join(str(exc).split()) or "(no message)"
-    if len(text) > 160 and ". " in text:
-        text = text.split(". ")[0]  # e.g. torch.load's four-sentence message for a truncated zip
-    text = text if len(text) <= 300 else text[:297] + "..."
-    return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"

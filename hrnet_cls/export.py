@@ -63,7 +63,7 @@ from hrnet_cls.checkpoint import load_checkpoint
 from hrnet_cls.config import check_model_name
 from hrnet_cls.data import read_info
 from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from hrnet_cls.evaluation import one_line
+from hrnet_cls.errors import one_line
 from hrnet_cls.hrnet_c import MODEL_CFGS
 from hrnet_cls.weights import is_state_dict, load_strict, pick_state_dict, read_file
 
@@ -97,11 +97,6 @@ class Source:
 # ---------------------------------------------------------------- reading the input
 
 
-def _line(exc: BaseException) -> str:
-    """An exception as one line; our ValueErrors whole (one_line would cut them at 'e.g. ')."""
-    return " ".join(str(exc).split()) if isinstance(exc, (ValueError, FileNotFoundError)) else one_line(exc)
-
-
 def _classes_in(weights: Mapping[str, torch.Tensor], name: str) -> int:
     """Rows of the classifier weight in ``weights`` (0 when not found), the classifier named by
     the architecture's pretrained_cfg."""
@@ -121,9 +116,9 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     try:
         ckpt: dict[str, Any] | None = load_checkpoint(path, mmap=True)
     except ValueError as exc:  # readable, but not one of our training checkpoints
-        ckpt, why = None, _line(exc).removeprefix(f"{path}: ")
+        ckpt, why = None, one_line(exc, whole=True).removeprefix(f"{path}: ")
     except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, a pickle that is not data
-        raise ExportError(f"{path}: cannot read it ({one_line(exc)})") from None
+        raise ExportError(f"{path}: cannot read it ({oneone_line(exc, whole=True)})") from None
     weights_of = "ema" if use_ema else "model"
 
     if ckpt is None:  # a weights file: the architecture is --model's
@@ -136,7 +131,7 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
             weights = pick_state_dict(read_file(path), use_ema)
             classes = _classes_in(weights, model)
         except Exception as exc:  # noqa: BLE001 - unknown model or tag, no state dict, no EMA weights
-            raise ExportError(f"{path}: {_line(exc).removeprefix(f'{path}: ')}") from None
+            raise ExportError(f"{path}: {one_line(exc, whole=True).removeprefix(f'{path}: ')}") from None
         info = {"source": os.path.basename(path), "weights": weights_of, "model_name": model}
         return Source(model, classes, weights, is_checkpoint=False, info=info)
 
@@ -151,7 +146,7 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
         weights = pick_state_dict(ckpt, use_ema)
         classes = int(config.get("model", {}).get("num_classes") or 0) or _classes_in(weights, name)
     except Exception as exc:  # noqa: BLE001 - unknown architecture, no EMA weights
-        raise ExportError(f"{path}: {_line(exc)}") from None
+        raise ExportError(f"{path}: {one_line(exc, whole=True)}") from None
     data = config.get("data", {})
     data_config = dict(TRAINED)
     if data.get("img_size"):
@@ -170,7 +165,7 @@ def label_names(train_shards: str, num_classes: int) -> tuple[list[str] | None, 
     try:
         info = read_info(train_shards)
     except Exception as exc:  # noqa: BLE001 - shards moved or unreachable: the export goes on without names
-        return None, f"no label names: the training shards {train_shards} are not reachable ({_line(exc)})"
+        return None, f"no label names: the training shards {train_shards} are not reachable ({one_line(exc, whole=True)})"
     if info is None:
         return None, f"no label names: no _info.json beside the training shards {train_shards}"
     names = info.get("class_names")
@@ -320,7 +315,7 @@ def export(args: argparse.Namespace) -> list[str]:
     try:
         model = build_model(source)
     except Exception as exc:  # noqa: BLE001 - weights of another architecture or shape
-        raise ExportError(f"{args.checkpoint}: {_line(exc)}") from None
+        raise ExportError(f"{args.checkpoint}: {one_line(exc, whole=True)}") from None
     source.num_classes = model.num_classes
     names, names_note = label_names(source.train_shards, model.num_classes) if source.is_checkpoint else (None, "")
 
@@ -341,7 +336,7 @@ def export(args: argparse.Namespace) -> list[str]:
                 diffs = write_onnx(source, staging, input_size, model)
             except Exception as exc:  # noqa: BLE001 - tracing or conversion: name the step
                 raise RuntimeError(f"ONNX export (torch.onnx.export, dynamo=True, opset {OPSET}) of "
-                                   f"{source.model_name}: {one_line(exc)}") from exc
+                                   f"{source.model_name}: {oneone_line(exc, whole=True)}") from exc
             worst = max(diffs.values())
             if worst > ONNX_TOLERANCE:
                 raise RuntimeError(f"{ONNX_NAME} disagrees with PyTorch: max |diff| / max |logit| = {worst:.2e} "
@@ -364,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the export failed (ONNX exporter, disk): one line, exit 1
-        print(f"{PROG}: error: export failed: {one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: export failed: {oneone_line(exc, whole=True)}", file=sys.stderr)
         return 1
     print("\n".join(lines), flush=True)
     return 0

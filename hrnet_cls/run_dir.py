@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hrnet_cls.atomic import HOST
+from hrnet_cls.errors import os_error_line
 from hrnet_cls.checkpoint import ResumeError, load_checkpoint, resume_path, run_files
 
 logger = logging.getLogger(__name__)
@@ -33,13 +34,6 @@ PREEMPTED_MARKER = "PREEMPTED"  # written after a preemption's save; the next st
 
 class RunDirError(RuntimeError):
     """The output directory cannot be used (locked, unwritable, holds another run); one line."""
-
-
-def os_error_line(exc: OSError, what: str) -> str:
-    """'<what> PATH: <reason>' for an OSError, e.g. 'cannot write /x/last.pth: No space left on device'."""
-    reason = exc.strerror or str(exc)
-    name = errno.errorcode.get(exc.errno or 0, "")
-    return f"{what} {exc.filename or '?'}: {reason}" + (f" ({name})" if name else "")
 
 
 def prepare(output_dir: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hrnet_cls.config import Config, WandbConfig, config_to_dict
+from hrnet_cls.errors import flat
 
 logger = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
         )
     except Exception as e:  # never retry offline in this process: that can hang
         logger.warning("W&B disabled: wandb.init failed after %.0f s: %s", time.monotonic() - started,
-                       " ".join(str(e).split()))  # wandb's errors span lines
+                       flat(e))  # wandb's errors span lines
         _bounded_teardown()
         return None
     run.define_metric("train/step")

@@ -20,7 +20,8 @@ from torch import nn
 
 from hrnet_cls.data import build_val_loader, read_info, shard_lengths
 from hrnet_cls.distributed import DistInfo, all_gather_object
-from hrnet_cls.evaluation import Tally, feed, one_line, reduce
+from hrnet_cls.errors import one_line
+from hrnet_cls.evaluation import Tally, feed, reduce
 from hrnet_cls.flops import count_macs
 from hrnet_cls.fusion import fold_batchnorm
 from hrnet_cls.precision import Precision

@@ -17,7 +17,7 @@ from timm.models._hub import load_model_config_from_path  # what timm.create_mod
 from hrnet_cls.config import check_model_name
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from hrnet_cls.distributed import all_gather_object
-from hrnet_cls.evaluation import one_line
+from hrnet_cls.errors import one_line
 from hrnet_cls.weights import pick_state_dict, read_file, read_state_dict
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torchvision
 
 from hrnet_cls.bench.data import machine
 from hrnet_cls.data.workers import usable_cores
-from hrnet_cls.evaluation import one_line
+from hrnet_cls.errors import one_line
 
 REPO = Path(__file__).resolve().parents[3]
 STARTED = time.perf_counter()  # the clock of --time-limit and of the progress lines

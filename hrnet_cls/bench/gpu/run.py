@@ -21,7 +21,7 @@ from hrnet_cls.bench.gpu.pipeline import input_pipeline_section, write_shards
 from hrnet_cls.bench.gpu.step import grad_ckpt_section, train_step_section
 from hrnet_cls.bench.gpu.trainrun import train_py_section
 from hrnet_cls.data.workers import usable_cores
-from hrnet_cls.evaluation import one_line
+from hrnet_cls.errors import one_line
 
 # number -> (result key, title, function, columns of the markdown table)
 SECTIONS: dict[int, tuple[str, str, Callable[[Context, dict], None], tuple[str, ...]]] = {
