@@ -118,7 +118,7 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     except ValueError as exc:  # readable, but not one of our training checkpoints
         ckpt, why = None, one_line(exc, whole=True).removeprefix(f"{path}: ")
     except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, a pickle that is not data
-        raise ExportError(f"{path}: cannot read it ({oneone_line(exc, whole=True)})") from None
+        raise ExportError(f"{path}: cannot read it ({one_line(exc)})") from None
     weights_of = "ema" if use_ema else "model"
 
     if ckpt is None:  # a weights file: the architecture is --model's
@@ -336,7 +336,7 @@ def export(args: argparse.Namespace) -> list[str]:
                 diffs = write_onnx(source, staging, input_size, model)
             except Exception as exc:  # noqa: BLE001 - tracing or conversion: name the step
                 raise RuntimeError(f"ONNX export (torch.onnx.export, dynamo=True, opset {OPSET}) of "
-                                   f"{source.model_name}: {oneone_line(exc, whole=True)}") from exc
+                                   f"{source.model_name}: {one_line(exc)}") from exc
             worst = max(diffs.values())
             if worst > ONNX_TOLERANCE:
                 raise RuntimeError(f"{ONNX_NAME} disagrees with PyTorch: max |diff| / max |logit| = {worst:.2e} "
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - the export failed (ONNX exporter, disk): one line, exit 1
-        print(f"{PROG}: error: export failed: {oneone_line(exc, whole=True)}", file=sys.stderr)
+        print(f"{PROG}: error: export failed: {one_line(exc)}", file=sys.stderr)
         return 1
     print("\n".join(lines), flush=True)
     return 0
