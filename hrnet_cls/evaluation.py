@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hrnet_cls.distributed import all_reduce_sum
+from hrnet_cls.errors import one_line
 from hrnet_cls.precision import Precision
 from hrnet_cls.timing import Stopwatch
 
