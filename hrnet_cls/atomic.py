@@ -6,6 +6,10 @@ the previous version readable and the temp file is removed (docs/design.md §6.3
 carry the writer's host and pid (``.last.pth.HOST.PID.XXXX.tmp``): clean-up removes only
 those proven stale, written on this host by a process that no longer exists.
 
+Every file the project writes goes through ``publish``: ``write_atomic`` (bytes, text, or a
+function given the open file) for our own writers, ``publish`` directly for a file another
+library wrote by name under a temporary path (tar shards, an export's staging folder).
+
 Checksums: ``write_atomic(..., checksum=True)`` hashes the bytes as they are written (no
 second read) and leaves ``NAME.sha256`` beside the file in ``sha256sum`` format, so
 ``sha256sum -c last.pth.sha256`` checks it by hand. torch.load does not check its zip
@@ -81,7 +85,7 @@ def _temp(path: Path) -> tuple[int, str]:
 
 
 def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
-    """(temp path, sha256 hex) of ``write``'s output, fsync'ed; the temp is removed on failure."""
+    """(temp path, sha256 hex) of ``write``'s output beside path; the temp is removed on failure."""
     fd, tmp = _temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -89,7 +93,6 @@ def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
             try:
                 write(out)
                 f.flush()
-                os.fsync(f.fileno())
             except Exception as exc:
                 if out.error is not None:  # the OS said why; torch's message would not
                     raise OSError(out.error.errno, out.error.strerror, str(path)) from exc
@@ -100,24 +103,48 @@ def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
     return tmp, out.hash.hexdigest()
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Any], None], checksum: bool = False) -> str:
-    """Call ``write(file)`` and put the result at ``path`` atomically; returns its sha256 hex.
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Put the finished file ``tmp`` at ``path`` atomically: fsync'ed, given open()'s mode (some
+    writers make 0600 files), renamed (same file system), the directory fsync'ed. On failure tmp
+    is removed and path left as it was. The one rename of every file the project writes."""
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, _MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(Path(path).parent)
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[Any], None] | bytes | str, checksum: bool = False) -> str:
+    """Put ``write`` at ``path`` atomically: the bytes, the text (UTF-8), or what a function
+    ``write(file)`` writes to the open binary file. Returns the file's sha256 hex.
 
     checksum: also write ``path.sha256``, after the file (a crash in between leaves a file
     whose checksum does not match: resume then falls back to an older checkpoint).
     """
     path = Path(path)
+    if isinstance(write, (bytes, str)):
+        data = write.encode() if isinstance(write, str) else write
+        write = lambda f: f.write(data)  # noqa: E731
     tmp, digest = _write_temp(path, write)
+    side = None
     try:
-        side = _write_temp(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))[0] \
-            if checksum else None
+        if checksum:
+            side = _write_temp(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))[0]
+        publish(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        for leftover in (tmp, side):
+            if leftover:
+                Path(leftover).unlink(missing_ok=True)
         raise
-    os.replace(tmp, path)
     if side is not None:
-        os.replace(side, sidecar(path))
-    fsync_dir(path.parent)
+        publish(side, sidecar(path))
     return digest
 
 

@@ -14,7 +14,6 @@ import dataclasses
 import difflib
 import json
 import logging
-import os
 import re
 import textwrap
 import typing
@@ -26,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from hrnet_cls.atomic import write_atomic
 from hrnet_cls.errors import flat
 from hrnet_cls.precision import PRECISIONS
 
@@ -311,11 +311,8 @@ def config_to_yaml(cfg: Config, comments: bool = True) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically; it loads back with load_config unchanged."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same directory, so os.replace is atomic
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, config_to_yaml(cfg))
 
 
 def check_model_name(name: str) -> None:

@@ -23,8 +23,8 @@ back (atomically) only at the end, so an interrupted run never leaves a listed p
 """
 from hrnet_cls.shards.scan import (Item, ScanReport, SourceError, collect_items, make_keys, read_labels,
                                    scan_image_folder)
-from hrnet_cls.shards.writer import WriteResult, image_extension, plan_shards, shard_image, write_split
+from hrnet_cls.shards.writer import WriteResult, plan_shards, shard_image, write_split
 from hrnet_cls.shards.cli import main
 
-__all__ = ["Item", "ScanReport", "SourceError", "WriteResult", "collect_items", "image_extension", "main",
+__all__ = ["Item", "ScanReport", "SourceError", "WriteResult", "collect_items", "main",
            "make_keys", "plan_shards", "read_labels", "scan_image_folder", "shard_image", "write_split"]

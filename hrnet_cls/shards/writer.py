@@ -1,5 +1,5 @@
-"""Writing shards: items cut into shards, each written under a temporary name and renamed when
-complete, and the split recorded in _info.json at the end."""
+"""Writing shards: items cut into shards, each written under a temporary name and published
+(hrnet_cls.atomic) when complete, and the split recorded in _info.json at the end."""
 from __future__ import annotations
 
 import contextlib
@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
 
+from hrnet_cls.atomic import publish, write_atomic
 from hrnet_cls.data.sources import INFO_NAME, load_info_file
 from hrnet_cls.data.transforms import WIDE_GRAY_MODES, wide_gray_to_uint8
 from hrnet_cls.shards.scan import Item, ScanReport, SourceError, collect_items
@@ -81,14 +82,6 @@ def plan_shards(items: Sequence[Item], max_per_shard: int, max_shard_bytes: int,
 
 
 # ---------------------------------------------------------------- writing
-
-
-def image_extension(data: bytes) -> str:
-    """Sample extension for encoded image bytes; raises if they do not fully decode.
-
-    ``load`` decodes every pixel: a truncated JPEG opens (header only) and fails here.
-    """
-    return shard_image(data)[0]
 
 
 def shard_image(data: bytes) -> tuple[str, bytes]:
@@ -183,7 +176,7 @@ def write_groups(groups: list[list[Item]], out_dir: Path, split: str, workers: i
                 os.remove(tmp)
             else:
                 final = f"{split}-{len(result.filenames):06d}.tar"
-                os.replace(tmp, out_dir / final)
+                publish(tmp, out_dir / final)
                 result.filenames.append(final)
                 result.shard_lengths.append(count)
             if progress and bar.disable and (done % log_every == 0 or done == len(tasks)):
@@ -203,18 +196,11 @@ def load_info(path: Path) -> dict:
         raise SourceError(f"{exc}; fix or delete it") from None
 
 
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Readers see the old file or the new one, never a partial one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def _forget_split(info_path: Path, split: str) -> None:
     info = load_info(info_path)
     if split in info.get("splits", {}):
         del info["splits"][split]
-        write_json_atomic(info_path, info)
+        write_atomic(info_path, json.dumps(info, indent=1) + "\n")
 
 
 def _remove_leftovers(out_dir: Path, split: str, keep: int | None) -> None:
@@ -265,5 +251,5 @@ def write_split(src: str | Path, out_dir: str | Path, split: str, *, labels: str
     info.setdefault("splits", {})[split] = {
         "name": split, "num_samples": result.num_samples,
         "filenames": result.filenames, "shard_lengths": result.shard_lengths}
-    write_json_atomic(info_path, info)
+    write_atomic(info_path, json.dumps(info, indent=1) + "\n")
     return result
