@@ -16,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models._features import feature_take_indices
+
+from .timm_private import feature_take_indices
 
 __all__ = ['FEATURE_LOCATIONS', 'check_feature_location', 'feature_info', 'hrnetv2_concat', 'hrnetv2_features',
            'take_indices']

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._registry import _model_entrypoints
+from timm.models import build_model_with_cfg, generate_default_cfgs, is_model, model_entrypoint, register_model
 
 from .blocks import BLOCKS, BN_MOMENTUM, Bottleneck, Checkpointable, CheckpointSeq, HRModule, HRStage, Transition
 from .blocks import conv_bn, units
@@ -350,7 +349,7 @@ default_cfgs = generate_default_cfgs({
 
 def _register(fn):
     """register_model, refusing to replace a model timm itself (or anyone else) registered."""
-    existing = _model_entrypoints.get(fn.__name__)
+    existing = model_entrypoint(fn.__name__) if is_model(fn.__name__) else None
     if existing is not None and existing.__module__ != fn.__module__:
         raise RuntimeError(f'{fn.__name__!r} is already registered by {existing.__module__}; not overwriting it')
     return register_model(fn)

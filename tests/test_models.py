@@ -34,6 +34,17 @@ def test_registry_holds_exactly_our_family_and_timm_keeps_its_own():
     assert timm.models.model_entrypoint('hrnet_w44_c').__module__ == 'hrnet_cls.hrnet_c'
 
 
+def test_registering_refuses_to_replace_a_model_someone_else_registered():
+    from hrnet_cls.hrnet_c import _register
+
+    def resnet18(pretrained=False, **kwargs):  # timm's own name, from another module
+        raise AssertionError('never registered, never called')
+
+    with pytest.raises(RuntimeError, match="'resnet18' is already registered by timm.models.resnet"):
+        _register(resnet18)
+    assert timm.models.model_entrypoint('resnet18').__module__ == 'timm.models.resnet'
+
+
 SLOW = pytest.mark.slow  # a full-size model at 224 px
 
 

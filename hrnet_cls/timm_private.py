@@ -1,0 +1,28 @@
+"""The two private timm functions this project needs, each behind one function here.
+
+timm offers no public equivalent for them (checked against timm 1.0.x): reading a model
+folder's config.json the way ``timm.create_model('local-dir:FOLDER')`` does, and the index
+rule of ``forward_intermediates``. Everything else goes through public names
+(``timm.models.save_for_hf``, ``is_model``, ``model_entrypoint``, ...).
+tests/test_timm_private.py fails when timm moves or changes either of them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from timm.models._features import feature_take_indices as _feature_take_indices
+from timm.models._hub import load_model_config_from_path as _load_model_config_from_path
+
+
+def local_dir_config(folder: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """(pretrained_cfg, architecture) of a timm model folder, parsed as timm.create_model parses
+    ``local-dir:FOLDER``'s config.json (top-level num_classes and label_names folded in)."""
+    pretrained_cfg, architecture, _ = _load_model_config_from_path(folder)
+    return pretrained_cfg, architecture
+
+
+def feature_take_indices(n: int, indices: int | list[int] | None) -> tuple[list[int], int]:
+    """(feature indices to return, the largest one) for ``indices`` = last-n (int), a list
+    (negative from the end) or None (all of them): timm's rule for forward_intermediates."""
+    return _feature_take_indices(n, indices)
