@@ -6,12 +6,13 @@
 OUT_DIR receives:
 
 - ``model.safetensors``: the model's state dict (the EMA weights with --use-ema), nothing else;
-- ``config.json``: timm's format (``timm.models._hub.save_config_for_hf``: ``architecture``,
+- ``config.json``: timm's format (``timm.models.save_for_hf``: ``architecture``,
   ``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``,
   ``label_names``) with the preprocessing the model was trained and validated with: the
   checkpoint's ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std
-  (hrnet_cls.data.transforms), and the class names of the training shards' _info.json when
-  it can be read; plus ``export``, where the weights came from (informational; timm ignores it);
+  (hrnet_cls.model_card.ModelCard.from_checkpoint), and the class names of the training shards'
+  _info.json when it can be read; plus ``export``, where the weights came from (informational;
+  timm ignores it);
 - with --onnx, ``model.onnx``: the torch.export-based exporter (``dynamo=True``) via timm's
   ``onnx_export``, opset 20 (``OPSET``), input ``input`` (batch, 3, img_size, img_size) float32
   normalised, output ``logits`` (batch, num_classes); the batch is dynamic, the image side is
@@ -48,33 +49,25 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
-from timm.models import get_pretrained_cfg
-from timm.models._hub import save_config_for_hf
+from timm.models import save_for_hf
 from torch import nn
 
-from hrnet_cls.checkpoint import load_checkpoint
-from hrnet_cls.config import check_model_name
-from hrnet_cls.data import read_info
-from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from hrnet_cls.atomic import publish
 from hrnet_cls.errors import one_line
-from hrnet_cls.hrnet_c import MODEL_CFGS
-from hrnet_cls.weights import is_state_dict, load_strict, pick_state_dict, read_file
+from hrnet_cls.model_card import ModelCard, create_model, is_checkpoint
+from hrnet_cls.weights import is_state_dict, pick_state_dict, read_file
 
 
 PROG = "python -m hrnet_cls.export"
 OPSET = 20  # the default opset of torch 2.9+'s exporter; onnxruntime >= 1.16 runs it
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 ONNX_TOLERANCE = 1e-4  # max |onnxruntime - torch| / max |torch logit|, at batch 1 and 3
-WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"
-# what training and validation feed every model (hrnet_cls.data.transforms, validate.py)
-TRAINED = {"interpolation": "bilinear", "mean": tuple(IMAGENET_DEFAULT_MEAN), "std": tuple(IMAGENET_DEFAULT_STD)}
+WEIGHTS_NAME, CONFIG_NAME, ONNX_NAME = "model.safetensors", "config.json", "model.onnx"  # save_for_hf's names
 
 
 class ExportError(ValueError):
@@ -85,28 +78,13 @@ class ExportError(ValueError):
 class Source:
     """What to export, read from CHECKPOINT."""
 
-    model_name: str
-    num_classes: int  # 0 = the architecture's default
+    card: ModelCard  # architecture, classes, preprocessing, where the label names are
     weights: dict[str, torch.Tensor]
     is_checkpoint: bool  # one of our training checkpoints (else a weights file with --model)
-    data_config: dict[str, Any] = field(default_factory=dict)  # preprocessing for save_config_for_hf
-    train_shards: str = ""  # where the class names are looked up
-    info: dict[str, Any] = field(default_factory=dict)  # provenance: config.json's "export"
+    info: dict[str, Any]  # provenance: config.json's "export"
 
 
 # ---------------------------------------------------------------- reading the input
-
-
-def _classes_in(weights: Mapping[str, torch.Tensor], name: str) -> int:
-    """Rows of the classifier weight in ``weights`` (0 when not found), the classifier named by
-    the architecture's pretrained_cfg."""
-    cfg = get_pretrained_cfg(name)
-    heads = cfg.classifier if cfg is not None else None
-    for head in (heads,) if isinstance(heads, str) else tuple(heads or ()):
-        weight = weights.get(f"{head}.weight")
-        if weight is not None and weight.ndim >= 1:
-            return int(weight.shape[0])
-    return 0
 
 
 def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
@@ -114,67 +92,25 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     try:
-        ckpt: dict[str, Any] | None = load_checkpoint(path, mmap=True)
-    except ValueError as exc:  # readable, but not one of our training checkpoints
-        ckpt, why = None, one_line(exc, whole=True).removeprefix(f"{path}: ")
+        obj = read_file(path)
     except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, a pickle that is not data
         raise ExportError(f"{path}: cannot read it ({one_line(exc)})") from None
-    weights_of = "ema" if use_ema else "model"
-
-    if ckpt is None:  # a weights file: the architecture is --model's
-        if not model:
-            if is_state_dict(read_file(path)):
-                why = "a plain state dict, not a training checkpoint"
-            raise ExportError(f"{path}: {why}; to export a plain weights file, give --model NAME (its architecture)")
-        try:
-            check_model_name(model)
-            weights = pick_state_dict(read_file(path), use_ema)
-            classes = _classes_in(weights, model)
-        except Exception as exc:  # noqa: BLE001 - unknown model or tag, no state dict, no EMA weights
-            raise ExportError(f"{path}: {one_line(exc, whole=True).removeprefix(f'{path}: ')}") from None
-        info = {"source": os.path.basename(path), "weights": weights_of, "model_name": model}
-        return Source(model, classes, weights, is_checkpoint=False, info=info)
-
-    config = ckpt.get("config") or {}
-    name = ckpt.get("model_name") or config.get("model", {}).get("name")
-    if not name:
-        raise ExportError(f"{path}: the checkpoint names no model (no 'model_name', no config model.name)")
-    if model and model != name:
-        raise ExportError(f"{path}: a checkpoint of {name!r}, not of --model {model!r}; leave --model out")
+    checkpoint = is_checkpoint(obj)
+    if not checkpoint and not model:  # a weights file: the architecture is --model's
+        why = "a plain state dict" if is_state_dict(obj) else "no 'config', no 'model_name'"
+        raise ExportError(f"{path}: {why}, not a training checkpoint; to export a plain weights file, give "
+                          "--model NAME (its architecture)")
     try:
-        check_model_name(name)
-        weights = pick_state_dict(ckpt, use_ema)
-        classes = int(config.get("model", {}).get("num_classes") or 0) or _classes_in(weights, name)
-    except Exception as exc:  # noqa: BLE001 - unknown architecture, no EMA weights
-        raise ExportError(f"{path}: {one_line(exc, whole=True)}") from None
-    data = config.get("data", {})
-    data_config = dict(TRAINED)
-    if data.get("img_size"):
-        data_config["img_size"] = int(data["img_size"])
-    if data.get("crop_pct"):
-        data_config["crop_pct"] = float(data["crop_pct"])
-    info = {"source": os.path.basename(path), "weights": weights_of, "model_name": name,
-            **{k: ckpt.get(k) for k in ("epoch", "step", "git_commit", "metrics")}}
-    return Source(name, classes, weights, True, data_config, str(data.get("train_shards") or ""), info)
-
-
-def label_names(train_shards: str, num_classes: int) -> tuple[list[str] | None, str]:
-    """(class names from the shards' _info.json, or None; one line saying where they came from or why not)."""
-    if not train_shards:
-        return None, "no label names: the checkpoint's config names no data.train_shards"
-    try:
-        info = read_info(train_shards)
-    except Exception as exc:  # noqa: BLE001 - shards moved or unreachable: the export goes on without names
-        return None, f"no label names: the training shards {train_shards} are not reachable ({one_line(exc, whole=True)})"
-    if info is None:
-        return None, f"no label names: no _info.json beside the training shards {train_shards}"
-    names = info.get("class_names")
-    if not names:
-        return None, f"no label names: the _info.json of {train_shards} lists no class_names"
-    if len(names) != num_classes:
-        return None, (f"no label names: the _info.json of {train_shards} lists {len(names)} class names, "
-                      f"the model has {num_classes} classes")
-    return [str(n) for n in names], f"label names: {len(names)} class names from the _info.json of {train_shards}"
+        weights = pick_state_dict(obj, use_ema)
+        card = ModelCard.from_checkpoint(obj, weights) if checkpoint else ModelCard.from_name(model, weights)
+    except Exception as exc:  # noqa: BLE001 - unknown model or tag, no state dict, no EMA weights
+        raise ExportError(f"{path}: {one_line(exc, whole=True).removeprefix(f'{path}: ')}") from None
+    if checkpoint and model and model != card.model:
+        raise ExportError(f"{path}: a checkpoint of {card.model!r}, not of --model {model!r}; leave --model out")
+    info = {"source": os.path.basename(path), "weights": "ema" if use_ema else "model", "model_name": card.model}
+    if checkpoint:
+        info.update({k: obj.get(k) for k in ("epoch", "step", "git_commit", "metrics")}, precision=card.precision)
+    return Source(card, weights, checkpoint, info)
 
 
 # ---------------------------------------------------------------- building and writing
@@ -185,33 +121,25 @@ def build_model(source: Source, channels_last: bool | None = None) -> nn.Module:
 
     channels_last: HRNet-C's activation layout (None = its default); other timm models have none.
     """
-    kwargs: dict[str, Any] = {}
-    if source.num_classes:
-        kwargs["num_classes"] = source.num_classes
-    if channels_last is not None and source.model_name.split(".")[0] in MODEL_CFGS:
-        kwargs["channels_last"] = channels_last
-    if source.is_checkpoint:  # our weights, not the registry tag's: filter_pretrained_cfg drops the None
-        kwargs["pretrained_cfg_overlay"] = {"tag": None}
-    model = timm.create_model(source.model_name, **kwargs)
-    load_strict(model, source.weights, source.model_name)
-    return model.eval()
+    # our weights, not the registry tag's: filter_pretrained_cfg drops the None
+    overlay = {"pretrained_cfg_overlay": {"tag": None}} if source.is_checkpoint else {}
+    return create_model(source.card, source.weights, channels_last=channels_last, **overlay).eval()
 
 
 def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str] | None) -> dict[str, Any]:
-    """model.safetensors + config.json (timm's save_config_for_hf) in folder; returns the config written.
+    """model.safetensors + config.json in folder (timm's save_for_hf); returns the config written.
 
-    timm's save_for_hf is not used for the weights: safetensors refuses the NHWC (channels_last)
-    conv weights HRNet-C holds, so they are packed contiguous first (the values are unchanged).
+    safetensors takes contiguous tensors only: HRNet-C's NHWC conv weights are stored NCHW for
+    the save and put back after it (the values are unchanged).
     """
-    from safetensors.torch import save_file  # a dependency of timm
-
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-    model_config: dict[str, Any] = {"export": source.info}
-    if names:
-        model_config["label_names"] = names
-    save_config_for_hf(model, str(folder / CONFIG_NAME), model_config=model_config,
-                       data_config=source.data_config or None)
+    model_config: dict[str, Any] = {"export": source.info, **({"label_names": names} if names else {})}
+    model.to(memory_format=torch.contiguous_format)
+    try:
+        save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True,
+                    data_config=source.card.data_config() if source.is_checkpoint else None)
+    finally:
+        if getattr(model, "channels_last", False):
+            model.to(memory_format=torch.channels_last)
     return json.loads((folder / CONFIG_NAME).read_text())
 
 
@@ -264,15 +192,6 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         raise ExportError(f"{out_dir}: exists and is not empty; pass --force to overwrite the export in it")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() gives
-
-
 def _publish(staging: Path, out_dir: Path) -> None:
     """Move the finished files into out_dir; a stale model.onnx of an earlier export is removed."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -281,8 +200,7 @@ def _publish(staging: Path, out_dir: Path) -> None:
         if stale.name not in written:
             stale.unlink()
     for name in sorted(written):
-        os.chmod(staging / name, _FILE_MODE)  # safetensors writes 0600 files
-        os.replace(staging / name, out_dir / name)
+        publish(staging / name, out_dir / name)
 
 
 # ---------------------------------------------------------------- command line
@@ -316,8 +234,7 @@ def export(args: argparse.Namespace) -> list[str]:
         model = build_model(source)
     except Exception as exc:  # noqa: BLE001 - weights of another architecture or shape
         raise ExportError(f"{args.checkpoint}: {one_line(exc, whole=True)}") from None
-    source.num_classes = model.num_classes
-    names, names_note = label_names(source.train_shards, model.num_classes) if source.is_checkpoint else (None, "")
+    names, names_note = source.card.labels() if source.is_checkpoint else (None, "")
 
     out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.export-", dir=out_dir.absolute().parent))
@@ -336,7 +253,7 @@ def export(args: argparse.Namespace) -> list[str]:
                 diffs = write_onnx(source, staging, input_size, model)
             except Exception as exc:  # noqa: BLE001 - tracing or conversion: name the step
                 raise RuntimeError(f"ONNX export (torch.onnx.export, dynamo=True, opset {OPSET}) of "
-                                   f"{source.model_name}: {one_line(exc)}") from exc
+                                   f"{source.card.model}: {one_line(exc)}") from exc
             worst = max(diffs.values())
             if worst > ONNX_TOLERANCE:
                 raise RuntimeError(f"{ONNX_NAME} disagrees with PyTorch: max |diff| / max |logit| = {worst:.2e} "

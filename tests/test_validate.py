@@ -324,15 +324,15 @@ def test_local_dir_folders_are_described_from_their_config_json(random_ckpts, tm
     (unknown / "config.json").write_text(json.dumps({**config, "architecture": "hrnet_nosuch_c"}))
     names = [f"local-dir:{p}" for p in (folder, odd, tmp_path / "nowhere", unknown)]
     a, b, nowhere, bad = describe_all(model_specs(names))
-    assert (a.error, a.source, a.model, a.num_classes) == ("", "pretrained", names[0], 10)
-    assert (a.img_size, a.crop_pct, a.interpolation) == (32, 1.0, "bilinear")  # the demo recipe's, as trained
-    assert (a.mean, a.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    assert (b.error, b.img_size, b.crop_pct, b.interpolation, b.mean, b.std) == (
+    assert (a.error, a.source, a.model, a.card.num_classes) == ("", "pretrained", names[0], 10)
+    assert (a.card.img_size, a.card.crop_pct, a.card.interpolation) == (32, 1.0, "bilinear")  # the recipe's
+    assert (a.card.mean, a.card.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert (b.error, b.card.img_size, b.card.crop_pct, b.card.interpolation, b.card.mean, b.card.std) == (
         "", 64, 0.95, "bicubic", (0.5,) * 3, (0.25,) * 3)
     assert nowhere.error == f"{names[2]}: {tmp_path / 'nowhere'}: no such model folder"
     assert bad.error.startswith(f"{names[3]}: unknown timm model 'hrnet_nosuch_c'")
     (with_weights,) = describe_all(model_specs(names[:1], weights=str(random_ckpts["b"])))
-    assert (with_weights.error, with_weights.source, with_weights.num_classes) == ("", "weights", 10)
+    assert (with_weights.error, with_weights.source, with_weights.card.num_classes) == ("", "weights", 10)
 
 
 def test_a_local_dir_folder_validates_like_its_checkpoint_in_the_same_pass(random_ckpts, tmp_path, caplog) -> None:

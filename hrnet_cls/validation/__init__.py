@@ -5,7 +5,8 @@ model, or timm's pretrained weights) evaluated at one (img_size, crop_pct). Step
 
 1. ``specs``: ``checkpoint_specs`` / ``model_specs`` turn the command line into
    ``ModelSpec`` s; ``describe_all`` reads each one's model name, classes and default
-   preprocessing (from the checkpoint's config, or the model's pretrained_cfg), and
+   preprocessing (a hrnet_cls.model_card.ModelCard: from the checkpoint's config, or the
+   model's pretrained_cfg), and
    ``build_rows`` takes the product with the requested image sizes and crop ratios;
 2. ``passes``: ``run_sweep`` groups the rows by preprocessing (img_size, crop_pct,
    interpolation, mean, std) and validates each group in one *pass*: one loader, every

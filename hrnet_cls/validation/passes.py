@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-import timm
 import torch
 from torch import nn
 
@@ -25,8 +24,9 @@ from hrnet_cls.evaluation import Tally, feed, reduce
 from hrnet_cls.flops import count_macs
 from hrnet_cls.fusion import fold_batchnorm
 from hrnet_cls.precision import Precision
+from hrnet_cls.model_card import create_model
 from hrnet_cls.validation.specs import PRETRAINED, ModelSpec, Preprocess, Row, merge_errors
-from hrnet_cls.weights import load_strict, read_state_dict
+from hrnet_cls.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +89,8 @@ def plan_passes(rows: Sequence[Row], max_models_per_pass: int = 0) -> list[list[
 def build_model(spec: ModelSpec, use_ema: bool = False) -> nn.Module:
     """The spec's model with its weights, on the CPU, in eval mode."""
     if spec.source == PRETRAINED:
-        return timm.create_model(spec.model, pretrained=True, num_classes=spec.num_classes).eval()
-    model = timm.create_model(spec.model, num_classes=spec.num_classes)
-    load_strict(model, read_state_dict(spec.path, use_ema), spec.model)
-    return model.eval()
+        return create_model(spec.card, pretrained=True).eval()
+    return create_model(spec.card, read_state_dict(spec.path, use_ema)).eval()
 
 
 def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, int]) -> list[nn.Module | None]:
@@ -105,7 +103,7 @@ def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, i
     for row in rows:
         try:
             model = build_model(row.spec, settings.use_ema)
-            key = (row.spec.model, row.spec.num_classes, row.img_size)
+            key = (row.spec.model, row.spec.card.num_classes, row.img_size)
             if key not in macs:  # a forward at img_size on the CPU: an unusable size fails here
                 macs[key] = count_macs(model, (3, row.img_size, row.img_size))
             row.params, row.gmacs = sum(p.numel() for p in model.parameters()), macs[key] / 2**30

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from hrnet_cls.atomic import write_atomic
 from hrnet_cls.hrnet_c import PAPER_TOP1
 from hrnet_cls.validation.specs import Row
 
@@ -51,14 +53,15 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def write_results(rows: Sequence[Row], path: str | Path) -> None:
     """Rows as CSV (RESULT_COLUMNS, empty cells for missing values) or as a JSON list of
-    objects (null for missing values), chosen by the file's suffix."""
+    objects (null for missing values), chosen by the file's suffix; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [row_record(row) for row in rows]
     if path.suffix.lower() == ".json":
-        path.write_text(json.dumps(records, indent=1) + "\n")
+        write_atomic(path, json.dumps(records, indent=1) + "\n")
         return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in records)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=RESULT_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in record.items()} for record in records)
+    write_atomic(path, text.getvalue())

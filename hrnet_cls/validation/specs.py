@@ -5,19 +5,14 @@ import dataclasses
 import glob
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import timm
-import torch
-from timm.models import PretrainedCfg, get_pretrained_cfg
-from timm.models._hub import load_model_config_from_path  # what timm.create_model("local-dir:...") reads
 
-from hrnet_cls.config import check_model_name
-from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from hrnet_cls.distributed import all_gather_object
 from hrnet_cls.errors import one_line
+from hrnet_cls.model_card import ModelCard, is_checkpoint, is_local_dir
 from hrnet_cls.weights import pick_state_dict, read_file, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -31,17 +26,12 @@ class SweepError(RuntimeError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One set of weights to validate, with the preprocessing it defaults to."""
+    """One set of weights to validate; describe() adds what they are (model, classes, preprocessing)."""
 
     source: str  # CHECKPOINT | WEIGHTS | PRETRAINED
     path: str = ""  # checkpoint or weights file as named on the command line ("" for pretrained)
     model: str = ""  # timm name; a checkpoint's is read from the file by describe()
-    num_classes: int = 0  # classifier outputs; 0 until described
-    img_size: int = 0  # default evaluation crop side, pixels; 0 until described
-    crop_pct: float = 0.0  # default centre-crop fraction; 0 until described
-    interpolation: str = "bilinear"
-    mean: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
-    std: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    card: ModelCard | None = None  # None until described
     error: str = ""  # why this spec cannot be validated ("" = fine so far)
 
     @property
@@ -93,68 +83,21 @@ def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
 # ---------------------------------------------------------------- describing specs
 
 
-LOCAL_DIR = "local-dir:"  # timm's prefix for a model folder: timm.create_model('local-dir:FOLDER')
-
-
-def is_local_dir(name: str) -> bool:
-    return name.startswith(LOCAL_DIR)
-
-
-def _pretrained_defaults(name: str) -> PretrainedCfg:
-    """timm's PretrainedCfg for the name (its default tag), or the generic one."""
-    return get_pretrained_cfg(name) or PretrainedCfg()
-
-
-def _local_dir_defaults(name: str) -> PretrainedCfg:
-    """The pretrained_cfg in a ``local-dir:FOLDER``'s config.json, read as timm.create_model does
-    (timm's load_model_config_from_path); its architecture must be registered."""
-    folder = name[len(LOCAL_DIR):]
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder}: no such model folder")
-    cfg, architecture, _ = load_model_config_from_path(folder)
-    check_model_name(architecture)
-    known = {f.name for f in dataclasses.fields(PretrainedCfg)}
-    return PretrainedCfg(**{k: v for k, v in cfg.items() if k in known})
-
-
-def _classes_in(weights: Mapping[str, torch.Tensor], classifier: Any) -> int:
-    """Rows of the classifier weight in a state dict (0 when it is not found)."""
-    name = classifier if isinstance(classifier, str) else (classifier or [""])[0]
-    weight = weights.get(f"{name}.weight")
-    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else 0
-
-
-def _describe_checkpoint(spec: ModelSpec, use_ema: bool, num_classes: int | None) -> ModelSpec:
+def _describe_checkpoint(spec: ModelSpec, use_ema: bool) -> ModelCard:
     ckpt = read_file(spec.path)
     weights = pick_state_dict(ckpt, use_ema)
-    config = ckpt.get("config") or {}  # a mapping: pick_state_dict found weights in it
-    name = ckpt.get("model_name") or config.get("model", {}).get("name")
-    if not name:
-        raise ValueError("the checkpoint names no model (no 'model_name', no config model.name); "
-                         "for other weights use --model NAME --weights FILE")
-    check_model_name(name)
-    cfg, data = _pretrained_defaults(name), config.get("data", {})
-    classes = num_classes or config.get("model", {}).get("num_classes") or _classes_in(weights, cfg.classifier)
-    # interpolation, mean and std stay at the training pipeline's (bilinear, ImageNet)
-    return dataclasses.replace(spec, model=name, num_classes=int(classes or cfg.num_classes),
-                               img_size=int(data.get("img_size") or cfg.input_size[-1]),
-                               crop_pct=float(data.get("crop_pct") or cfg.crop_pct))
+    if not is_checkpoint(ckpt):
+        raise ValueError("not a training checkpoint (no 'config', no 'model_name'); for other weights use "
+                         "--model NAME --weights FILE")
+    return ModelCard.from_checkpoint(ckpt, weights)
 
 
-def _describe_model(spec: ModelSpec, use_ema: bool, num_classes: int | None) -> ModelSpec:
-    if is_local_dir(spec.model):
-        cfg = _local_dir_defaults(spec.model)
-    else:
-        check_model_name(spec.model)
-        cfg = _pretrained_defaults(spec.model)
-    classes = num_classes or cfg.num_classes
-    if spec.source == WEIGHTS:  # read now: a missing or unreadable file fails before any pass
-        classes = num_classes or _classes_in(read_state_dict(spec.path, use_ema), cfg.classifier) or classes
-    if cfg.crop_mode != "center":
-        logger.warning("%s: pretrained_cfg crop_mode=%r; validating with a centre crop", spec.model, cfg.crop_mode)
-    return dataclasses.replace(spec, num_classes=int(classes), img_size=int(cfg.input_size[-1]),
-                               crop_pct=float(cfg.crop_pct), interpolation=cfg.interpolation,
-                               mean=tuple(cfg.mean), std=tuple(cfg.std))
+def _describe_model(spec: ModelSpec, use_ema: bool) -> ModelCard:
+    # a weights file is read now: a missing or unreadable one fails before any pass
+    card = ModelCard.from_name(spec.model, read_state_dict(spec.path, use_ema) if spec.source == WEIGHTS else None)
+    if card.crop_mode != "center":
+        logger.warning("%s: pretrained_cfg crop_mode=%r; validating with a centre crop", spec.model, card.crop_mode)
+    return card
 
 
 def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None = None) -> ModelSpec:
@@ -165,9 +108,9 @@ def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None 
     if spec.error:
         return spec
     try:
-        if spec.source == CHECKPOINT:
-            return _describe_checkpoint(spec, use_ema, num_classes)
-        return _describe_model(spec, use_ema, num_classes)
+        card = (_describe_checkpoint if spec.source == CHECKPOINT else _describe_model)(spec, use_ema)
+        card = dataclasses.replace(card, num_classes=num_classes or card.num_classes)
+        return dataclasses.replace(spec, model=card.model, card=card)
     except Exception as exc:  # noqa: BLE001 - any unreadable input is this row's error, not the sweep's
         return spec.failed(one_line(exc))
 
@@ -240,15 +183,15 @@ class Row:
 
     @property
     def preprocess(self) -> Preprocess:
-        s = self.spec
-        return Preprocess(int(self.img_size or 0), float(self.crop_pct or 0), s.interpolation, s.mean, s.std)
+        c = self.spec.card
+        return Preprocess(int(self.img_size or 0), float(self.crop_pct or 0), c.interpolation, c.mean, c.std)
 
 
 def build_rows(specs: Sequence[ModelSpec], img_sizes: Sequence[int] = (), crop_pcts: Sequence[float] = ()) -> list[Row]:
     """One row per spec x img_size x crop_pct; an empty list means each spec's default."""
     rows = []
     for spec in specs:
-        sizes = list(img_sizes) or [spec.img_size or None]
-        crops = list(crop_pcts) or [spec.crop_pct or None]
+        sizes = list(img_sizes) or [spec.card.img_size if spec.card else None]
+        crops = list(crop_pcts) or [spec.card.crop_pct if spec.card else None]
         rows += [Row(spec, size, crop, error=spec.error) for size in sizes for crop in crops]
     return rows

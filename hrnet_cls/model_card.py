@@ -1,0 +1,173 @@
+"""One description of a model to build: architecture, classes, labels, preprocessing, precision.
+
+Training, validation and export all need the same facts about a set of weights, and read
+them here, from whatever they have:
+
+- ``ModelCard.from_config``: a training recipe (``Config``, or the dict a checkpoint stores);
+  the preprocessing is the training pipeline's: ``data.img_size``, ``data.crop_pct``, bilinear,
+  ImageNet mean/std (hrnet_cls.data.transforms); the labels are the training shards';
+- ``ModelCard.from_checkpoint``: one of our training checkpoints, read (its config, its
+  ``model_name`` first, num_classes from the classifier when the config has none);
+- ``ModelCard.from_name``: a timm name (optionally with the tensors of a weights file for it)
+  or ``local-dir:FOLDER``: timm's pretrained_cfg, a folder's config.json read as timm reads it.
+
+``create_model`` builds the model a card describes and loads weights into it: strictly, or as
+a fine-tuning start (``init_from``: every weight but a classifier of another shape).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from timm.models import PretrainedCfg, get_pretrained_cfg
+from torch import nn
+
+from hrnet_cls import weights as _weights
+from hrnet_cls.config import Config, check_model_name, config_to_dict
+from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, read_info
+from hrnet_cls.errors import one_line
+from hrnet_cls.hrnet_c import MODEL_CFGS
+from hrnet_cls.timm_private import local_dir_config
+
+LOCAL_DIR = "local-dir:"  # timm's prefix for a model folder: timm.create_model('local-dir:FOLDER')
+
+
+def is_local_dir(name: str) -> bool:
+    return name.startswith(LOCAL_DIR)
+
+
+def classes_in(weights: Mapping[str, torch.Tensor], classifier: str | Sequence[str] | None) -> int:
+    """Rows of the classifier weight in a state dict (0 when not found); ``classifier``: the
+    module name(s), as a pretrained_cfg's ``classifier`` gives them."""
+    for head in (classifier,) if isinstance(classifier, str) else tuple(classifier or ()):
+        weight = weights.get(f"{head}.weight")
+        if weight is not None and weight.ndim >= 1:
+            return int(weight.shape[0])
+    return 0
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether a file's object is one of our training checkpoints (it carries a config or a model name)."""
+    return isinstance(obj, Mapping) and ("config" in obj or "model_name" in obj)
+
+
+def pretrained_cfg(name: str) -> PretrainedCfg:
+    """timm's pretrained_cfg for a name (its default tag; the generic one for a name without
+    any), or the one in a ``local-dir:FOLDER``'s config.json. The architecture must be registered."""
+    if not is_local_dir(name):
+        check_model_name(name)
+        return get_pretrained_cfg(name) or PretrainedCfg()
+    folder = name[len(LOCAL_DIR):]
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder}: no such model folder")
+    cfg, architecture = local_dir_config(folder)
+    check_model_name(architecture)
+    known = {f.name for f in dataclasses.fields(PretrainedCfg)}
+    return PretrainedCfg(**{k: v for k, v in cfg.items() if k in known})
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a set of weights is: the model to build and the preprocessing it expects."""
+
+    model: str  # timm name (pretrained tag optional) or local-dir:FOLDER
+    num_classes: int  # classifier outputs
+    img_size: int  # evaluation crop side, pixels
+    crop_pct: float  # the shorter side is resized to img_size / crop_pct, then centre-cropped
+    interpolation: str = "bilinear"
+    mean: tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    std: tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    crop_mode: str = "center"
+    precision: str = ""  # train.precision of the run that trained it ("" = not known)
+    label_names: tuple[str, ...] = ()  # class names in classifier order, when known
+    label_source: str = ""  # else the training shards whose _info.json lists them
+
+    @classmethod
+    def from_config(cls, cfg: Config | Mapping[str, Any], model_name: str = "",
+                    weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+        """A training recipe: ``Config`` or its dict (config_to_dict, as a checkpoint stores it).
+
+        model_name: a checkpoint's ``model_name``, which wins over the config's model.name.
+        weights: where num_classes comes from when the dict has none (the classifier's rows).
+        """
+        config = config_to_dict(cfg) if isinstance(cfg, Config) else cfg
+        model, data = config.get("model") or {}, config.get("data") or {}
+        name = model_name or model.get("name")
+        if not name:
+            raise ValueError("the checkpoint names no model (no 'model_name', no config model.name)")
+        default = pretrained_cfg(name)
+        classes = model.get("num_classes") or (weights is not None and classes_in(weights, default.classifier))
+        return cls(name, int(classes or default.num_classes), int(data.get("img_size") or default.input_size[-1]),
+                   float(data.get("crop_pct") or default.crop_pct),
+                   precision=str((config.get("train") or {}).get("precision") or ""),
+                   label_source=str(data.get("train_shards") or ""))
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+        """One of our training checkpoints, read (``weights``: its tensors, for num_classes when
+        the config has none)."""
+        return cls.from_config(ckpt.get("config") or {}, ckpt.get("model_name") or "", weights)
+
+    @classmethod
+    def from_name(cls, name: str, weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+        """A timm name or ``local-dir:FOLDER``, with timm's preprocessing for it; num_classes from
+        the classifier in ``weights`` (a weights file for this architecture) when given."""
+        cfg = pretrained_cfg(name)
+        classes = (weights is not None and classes_in(weights, cfg.classifier)) or cfg.num_classes
+        names = tuple(cfg.label_names or ()) if len(cfg.label_names or ()) == classes else ()
+        return cls(name, int(classes), int(cfg.input_size[-1]), float(cfg.crop_pct), cfg.interpolation,
+                   tuple(cfg.mean), tuple(cfg.std), cfg.crop_mode, label_names=names)
+
+    def data_config(self) -> dict[str, Any]:
+        """The preprocessing as timm's data config keys (resolve_data_config, save_for_hf)."""
+        return {"img_size": self.img_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": self.mean, "std": self.std, "crop_mode": self.crop_mode}
+
+    def labels(self) -> tuple[list[str] | None, str]:
+        """(class names, or None; one line saying where they came from or why there are none)."""
+        if self.label_names:
+            return list(self.label_names), f"label names: {len(self.label_names)} class names from {self.model}"
+        if not self.label_source:
+            return None, "no label names: the checkpoint's config names no data.train_shards"
+        where = f"the _info.json of {self.label_source}"
+        try:
+            info = read_info(self.label_source)
+        except Exception as exc:  # noqa: BLE001 - shards moved or unreachable: go on without names
+            return None, f"no label names: the training shards {self.label_source} are not reachable " \
+                         f"({one_line(exc, whole=True)})"
+        if info is None:
+            return None, f"no label names: no _info.json beside the training shards {self.label_source}"
+        names = info.get("class_names")
+        if not names:
+            return None, f"no label names: {where} lists no class_names"
+        if len(names) != self.num_classes:
+            return None, f"no label names: {where} lists {len(names)} class names, the model has " \
+                         f"{self.num_classes} classes"
+        return [str(n) for n in names], f"label names: {len(names)} class names from {where}"
+
+
+def create_model(card: ModelCard, weights: Mapping[str, torch.Tensor] | None = None, *, init_from: str = "",
+                 use_ema: bool = False, channels_last: bool | None = None, pretrained: bool = False,
+                 **kwargs: Any) -> nn.Module:
+    """The timm model ``card`` describes (its num_classes), on the CPU, as timm returns it (train mode).
+
+    weights: loaded strictly (hrnet_cls.weights.load_strict: every tensor must fit).
+    init_from: a file to fine-tune from (hrnet_cls.weights.init_from, its EMA weights with
+    use_ema): every weight but a classifier of another shape, which keeps its fresh init.
+    pretrained: timm's own weights for the name (a local-dir: folder's own).
+    channels_last: HRNet-C's activation layout (None = its default, NHWC); other timm models
+    have no such argument and follow their input. kwargs go to timm.create_model.
+    """
+    if channels_last is not None and card.model.split(".")[0] in MODEL_CFGS:
+        kwargs["channels_last"] = channels_last
+    model = timm.create_model(card.model, pretrained=pretrained, num_classes=card.num_classes, **kwargs)
+    if weights is not None:
+        _weights.load_strict(model, weights, card.model)
+    if init_from:
+        _weights.init_from(model, init_from, use_ema)
+    return model
