@@ -8,10 +8,11 @@
 
 --config is a path or a file name in configs/; every key is documented in hrnet_cls/config.py.
 Each choice of the recipe is made below, once, when the training objects are built;
-hrnet_cls/engine.py then runs them. checkpoint.output_dir receives last.pth, best.pth,
-epoch_XXXX.pth (each with a .sha256), config.yaml and summary.csv; one run at a time holds
-it (.lock). With checkpoint.resume=auto the same command continues from the newest
-checkpoint that verifies, on any number of processes; SIGTERM, SIGUSR1 or SIGINT save at
+hrnet_cls/engine.py then runs them. checkpoint.output_dir is the run folder, owned by
+hrnet_cls/run_dir.py (its files: last.pth, epoch_XXXX.pth, best.pth, each with a .sha256,
+config.yaml, summary.csv, .lock, PREEMPTED); one run at a time holds it. With
+checkpoint.resume=auto the same command continues from the newest checkpoint that verifies,
+on any number of processes (hrnet_cls/resume.py); SIGTERM, SIGUSR1, SIGINT or SIGHUP save at
 the next step and exit with status 75, so rerunning the command loses no step.
 
 Exit status: 0 trained (or the run had already finished), 1 an error while training (data,
@@ -35,18 +36,18 @@ from timm.utils import random_seed
 from torch import nn
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the HRNet-C models with timm
-from hrnet_cls.checkpoint import CheckpointManager, build_state, capture_rng, load_checkpoint, restore_state
-from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config, save_config
+from hrnet_cls.checkpoint import build_state, capture_rng, load_checkpoint
+from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
 from hrnet_cls.data.sources import info_num_classes
-from hrnet_cls.distributed import (DistInfo, all_gather_object, barrier, broadcast_buffers, broadcast_object,
-                                   cleanup, init_distributed)
+from hrnet_cls.distributed import DistInfo, all_gather_object, barrier, broadcast_buffers, cleanup, init_distributed
 from hrnet_cls.engine import NonFiniteLossError, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.errors import one_line, os_error_line
 from hrnet_cls.evaluation import evaluate
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from hrnet_cls.run_dir import PREEMPTED_MARKER, RunDirError, RunStart, open_run
+from hrnet_cls.resume import Position, restore
+from hrnet_cls.run_dir import RunDir, RunDirError, Start
 from hrnet_cls.tracking import Tracker
 from hrnet_cls.weights import init_from, read_state_dict
 
@@ -94,25 +95,6 @@ def preflight(cfg: Config) -> Precision:
         raise ConfigError(f"train.precision: {e}") from None
 
 
-def start_run(cfg: Config, info: DistInfo) -> RunStart:
-    """Rank 0 locks the output directory and decides where to start; every rank learns the
-    outcome, so a refusal stops all of them alike (RunDirError), before anything is written."""
-    outcome: tuple = ("error", "rank 0 did not decide")
-    run = RunStart(None)
-    if info.is_main:
-        try:
-            run = open_run(Path(cfg.checkpoint.output_dir), cfg.checkpoint.resume, cfg.schedule.epochs)
-            outcome = ("ok", run.resume, run.finished)
-        except RunDirError as e:
-            outcome = ("error", str(e))
-        except OSError as e:
-            outcome = ("error", os_error_line(e, "checkpoint.output_dir: cannot use"))
-    outcome = broadcast_object(outcome)
-    if outcome[0] == "error":
-        raise RunDirError(outcome[1])
-    return RunStart(outcome[1], outcome[2], run.lock)
-
-
 def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     """The bare model on its device, identical on every rank (same seed; DDP broadcasts too)."""
     random_seed(cfg.train.seed)
@@ -136,13 +118,13 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     return net.to(info.device, memory_format=fmt)
 
 
-def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, loader: TrainLoader, epoch: int,
-         batch_in_epoch: int, step: int, metrics: dict | None = None, metric: float | None = None) -> None:
+def save(parts: TrainParts, run: RunDir, cfg: Config, loader: TrainLoader, epoch: int, batch_in_epoch: int,
+         step: int, metrics: dict | None = None, metric: float | None = None) -> None:
     """Collective: every rank adds its RNG state and the samples it trained on this epoch;
     rank 0 writes last.pth (+ epoch/best) atomically."""
     mine = (capture_rng(), np.packbits(loader.consumed) if batch_in_epoch else None)
     gathered = all_gather_object(mine)
-    if manager is None:
+    if not run.is_main:
         return
     consumed = None
     if batch_in_epoch:  # the union of every rank's samples: a position any layout can continue from
@@ -151,7 +133,7 @@ def save(parts: TrainParts, manager: CheckpointManager | None, cfg: Config, load
                         batch_in_epoch=batch_in_epoch, config=config_to_dict(cfg), metrics=metrics,
                         model_ema=parts.ema.module, scaler=parts.scaler, rng=[g[0] for g in gathered],
                         data=loader.state(consumed.astype(bool) if consumed is not None else None))
-    manager.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
+    run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
 
 
 def validate(parts: TrainParts, loader: ValLoader) -> dict[str, float]:
@@ -163,67 +145,50 @@ def validate(parts: TrainParts, loader: ValLoader) -> dict[str, float]:
 
 
 def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: ValLoader, tracker: Tracker,
-        manager: CheckpointManager | None, position: dict, stop: StopRequest) -> dict:
-    """The epoch loop from the resume position on (train_loader is already there); returns the
-    last validation metrics. Raises Preempted after saving when a stop signal came."""
-    epoch, step, last = position["epoch"], position["step"], position["metrics"]
-    checkpoint = functools.partial(save, parts, manager, cfg, train_loader)
-    for epoch in range(epoch, cfg.schedule.epochs):
+        run: RunDir, position: Position, stop: StopRequest) -> dict:
+    """The epoch loop from ``position`` on (train_loader is already there); returns the last
+    validation metrics. Raises Preempted after saving when a stop signal came."""
+    step, last = position.step, position.metrics
+    checkpoint = functools.partial(save, parts, run, cfg, train_loader)
+    for epoch in range(position.epoch, cfg.schedule.epochs):
         start = time.perf_counter()
-        if epoch != position["epoch"]:
+        if epoch != position.epoch:
             train_loader.set_epoch(epoch)
         trained = train_one_epoch(parts, train_loader, epoch=epoch, global_step=step, tracker=tracker,
                                   save=checkpoint, stop=stop)
-        step = trained["step"]
-        if trained["stopped"]:
-            checkpoint(epoch, trained["batch"], step, metrics=last)
-            preempted(manager, f"epoch {epoch}, batch {trained['batch']}, step {step}")
+        step = trained.step
+        if trained.stopped:
+            checkpoint(epoch, trained.batch, step, metrics=last)
+            preempted(run, f"epoch {epoch}, batch {trained.batch}, step {step}")
         due = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.schedule.epochs
         val = validate(parts, val_loader) if due else {}
         last = val or last
-        kept = {k: v for k, v in trained.items() if k not in ("batch", "stopped")}
-        row = {**kept, **val, "epoch_time_s": time.perf_counter() - start,
-               "skipped": trained["skipped"] + val.get("val_skipped", 0)}
+        row = {**trained.metrics(), **val, "epoch_time_s": time.perf_counter() - start,
+               "skipped": trained.skipped + val.get("val_skipped", 0)}
         tracker.log_epoch(epoch, row)  # before the save: a resume from it keeps this row
         logger.info("epoch %d/%d done: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%%s  lr %.4g  "
-                    "%.1f s  %.0f img/s  skipped %d", epoch, cfg.schedule.epochs, trained["train_loss"],
+                    "%.1f s  %.0f img/s  skipped %d", epoch, cfg.schedule.epochs, trained.train_loss,
                     val.get("val_loss", float("nan")), val.get("val_top1", float("nan")),
                     val.get("val_top5", float("nan")),
                     f"  (EMA top-1 {val['ema_top1']:.2f}%)" if "ema_top1" in val else "",
-                    trained["lr"], row["epoch_time_s"], trained["images_per_s"], row["skipped"])
+                    trained.lr, row["epoch_time_s"], trained.images_per_s, row["skipped"])
         checkpoint(epoch + 1, 0, step, metrics=last, metric=val.get("val_top1"))
         if epoch + 1 < cfg.schedule.epochs and stop.agree():  # a signal during validation or the save
-            preempted(manager, f"epoch {epoch + 1}, batch 0, step {step}")
+            preempted(run, f"epoch {epoch + 1}, batch 0, step {step}")
     return last
 
 
-def preempted(manager: CheckpointManager | None, where: str) -> None:
+def preempted(run: RunDir, where: str) -> None:
     """After the stop's checkpoint: rank 0 leaves the marker, every rank waits for it (a rank
     that exits first makes torchrun stop the others), then Preempted ends the run."""
-    if manager is not None:
-        (manager.output_dir / PREEMPTED_MARKER).write_text(f"{where}\n")
+    run.mark_preempted(where)
     barrier()
     raise Preempted(where)
 
 
-def resume_position(cfg: Config, info: DistInfo, state: dict, loader: TrainLoader) -> dict:
-    """Put the training loader where the checkpoint stopped; warn where the recipe changed."""
-    saved = state.get("data")
-    was = (saved or {}).get("layout", {})
-    if was and was["world_size"] * was["batch_size"] != info.world_size * cfg.data.batch_size:
-        logger.warning("global batch %d (%d x %d) differs from the checkpoint's %d (%d x %d): the lr per sample "
-                       "continues as scheduled, but optim.lr=%g was set for the old batch (linear scaling: %g)",
-                       info.world_size * cfg.data.batch_size, info.world_size, cfg.data.batch_size,
-                       was["world_size"] * was["batch_size"], was["world_size"], was["batch_size"], cfg.optim.lr,
-                       cfg.optim.lr * info.world_size * cfg.data.batch_size / (was["world_size"] * was["batch_size"]))
-    where = loader.resume(state["epoch"], state["batch_in_epoch"], saved)
-    logger.info("resuming at %s, step %d", where, state["step"])
-    return {k: state.get(k, v) for k, v in {"epoch": 0, "step": 0, "metrics": {}}.items()}
-
-
-def train(cfg: Config, info: DistInfo, precision: Precision, run: RunStart, stop: StopRequest) -> dict:
-    """Build everything, restore the resume position, run fit(); returns the last val metrics."""
-    out, d = Path(cfg.checkpoint.output_dir), cfg.data
+def train(cfg: Config, info: DistInfo, precision: Precision, run: RunDir, start: Start, stop: StopRequest) -> dict:
+    """Build everything, restore the start position, run fit(); returns the last val metrics."""
+    d = cfg.data
     train_loader = build_train_loader(d.train_shards, batch_size=d.batch_size, img_size=d.img_size,
                                       seed=cfg.train.seed, epoch=0, rank=info.rank, world_size=info.world_size,
                                       workers=d.workers, num_classes=cfg.model.num_classes,
@@ -232,29 +197,16 @@ def train(cfg: Config, info: DistInfo, precision: Precision, run: RunStart, stop
                                   crop_pct=d.crop_pct, rank=info.rank, world_size=info.world_size,
                                   workers=d.workers, num_classes=cfg.model.num_classes,
                                   pin_memory=info.device.type == "cuda")
-    state = load_checkpoint(run.resume) if run.resume else None
-    position = {"epoch": 0, "step": 0, "metrics": {}}
-    if state:
-        try:
-            position = resume_position(cfg, info, state, train_loader)
-        except ValueError as e:  # the same on every rank: the same files
-            raise RunDirError(str(e)) from None
+    state = load_checkpoint(start.checkpoint) if start.checkpoint else None
     net = build_model(cfg, info, start_from="" if state else cfg.model.init_from)  # resume wins
     parts = build_parts(cfg, info, net, precision)
-    manager = CheckpointManager(out, cfg.checkpoint.keep) if info.is_main else None
-    if info.is_main:
-        save_config(cfg, out / "config.yaml")  # the resolved recipe, written once, before the first checkpoint
-    tracker = Tracker(cfg, out, info.is_main, start_epoch=state["epoch"] if state else 0)
+    position = restore(state, cfg, info, parts, train_loader)
+    run.write_config(cfg)
+    tracker = Tracker(cfg, run, start_epoch=position.epoch)
     try:
-        random_seed(cfg.train.seed + position["step"], info.rank)  # dropout / drop-path differ per rank
-        if state:
-            restore_state(state, net, parts.optimizer, parts.scaler, parts.ema.module, rank=info.rank,
-                          world_size=info.world_size)
-            if manager:
-                manager.best_metric = state.get("best_metric")
         logger.info("%d epochs x %d steps of %d x %d images, precision %s", cfg.schedule.epochs,
                     train_loader.batches_per_epoch, d.batch_size, info.world_size, precision.name)
-        return fit(cfg, parts, train_loader, val_loader, tracker, manager, position, stop)
+        return fit(cfg, parts, train_loader, val_loader, tracker, run, position, stop)
     finally:
         tracker.finish()
 
@@ -268,27 +220,27 @@ def setup_logging(rank: int) -> None:
 def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRequest,
                  started: float) -> tuple[int, str]:
     """(exit status, final line): every way a run ends becomes one status and one line."""
-    run = RunStart(None)
+    run = RunDir(cfg.checkpoint.output_dir, is_main=info.is_main, keep=cfg.checkpoint.keep)
     try:
-        run = start_run(cfg, info)
-        if run.finished:
-            m = run.finished["metrics"]
-            return 0, (f"already finished: {run.finished['path']} ended epoch {run.finished['epoch']} with val top-1 "
-                       f"{m.get('val_top1', float('nan')):.2f}%; to train again, use a new checkpoint.output_dir")
-        final = train(cfg, info, precision, run, stop)
+        start = run.start(cfg.checkpoint.resume, cfg.schedule.epochs)
+        if start.finished:
+            at = start.position
+            return 0, (f"already finished: {start.checkpoint} ended epoch {at.epoch} with val top-1 "
+                       f"{at.metrics.get('val_top1', float('nan')):.2f}%; to train again, use a new "
+                       "checkpoint.output_dir")
+        final = train(cfg, info, precision, run, start, stop)
         return 0, (f"final val top-1 {final.get('val_top1', float('nan')):.2f}%  top-5 "
                    f"{final.get('val_top5', float('nan')):.2f}%  ({final.get('val_samples', 0)} images, "
-                   f"{cfg.schedule.epochs} epochs; {time.perf_counter() - started:.0f} s)  -> {cfg.checkpoint.output_dir}")
+                   f"{cfg.schedule.epochs} epochs; {time.perf_counter() - started:.0f} s)  -> {run.path}")
     except RunDirError as e:
         return 2, f"train.py: error: {e}"
     except NonFiniteLossError as e:
         return 3, f"train.py: error: {e}"
     except Preempted as e:
         stop.ignore()  # stopped and saved: a signal now (torchrun's, as ranks exit) must not cut the clean-up
-        return PREEMPTED_EXIT, (f"train.py: preempted at {e}: checkpoint saved in {cfg.checkpoint.output_dir}; "
-                                "rerun the same command to continue")
-    except LabelError as e:  # from a DataLoader worker the message ends in its traceback's last line
-        return 1, f"train.py: error: {str(e).strip().splitlines()[-1].split('LabelError: ')[-1]}"
+        return PREEMPTED_EXIT, f"train.py: preempted at {e}: checkpoint saved in {run.path}; rerun the same command to continue"
+    except LabelError as e:
+        return 1, f"train.py: error: {e.reason}"
     except OSError as e:  # a full disk, a read-only or vanished file system while saving
         return 1, f"train.py: error: {os_error_line(e, 'cannot write')}; the previous checkpoint is intact"
     except (torch.distributed.DistBackendError, RuntimeError) as e:
@@ -298,12 +250,12 @@ def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRe
                    f"error says why): {one_line(e)}")
     finally:
         stop.settle()
-        if run.lock:
-            run.lock.release()
+        run.close()
 
 
 def _lost_peer(exc: BaseException) -> bool:
-    """Whether a collective failed because another rank is gone (gloo and NCCL say so in words)."""
+    """Whether a collective failed because another rank is gone. NCCL raises DistBackendError;
+    gloo raises a plain RuntimeError whose only mark is its text, so that is matched here."""
     return isinstance(exc, torch.distributed.DistBackendError) or "closed by peer" in str(exc)
 
 

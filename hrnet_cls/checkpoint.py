@@ -1,4 +1,4 @@
-"""Training checkpoints: the state of a run, atomic saves, and which file to resume from.
+"""Training checkpoints: the state of a run as a dict, and one checkpoint file read or written.
 
 Reading weights for fine-tuning or validation is hrnet_cls.weights' job.
 
@@ -18,15 +18,13 @@ Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so ti
     model_name      timm model name
     git_commit      commit hash (+ "-dirty"), or None outside a git checkout
     metrics         dict of the latest metrics, e.g. {"val_top1": 76.9}
-    best_metric     best metric so far (written by CheckpointManager)
+    best_metric     best metric so far (written by run_dir.RunDir.save)
     data            TrainLoader.state(): the loader layout (world size, workers, batch, shards), the
                     samples its plan excluded, and the positions trained on in this epoch (packed
                     bits; None at an epoch end), from which any layout can continue
 
-Files in output_dir: last.pth (every save), best.pth (best metric), epoch_XXXX.pth (the k
-newest epoch ends; XXXX = 0-based index of the finished epoch, as in summary.csv), each an
-independent file with its NAME.sha256 beside it; resume=auto takes the newest one whose
-checksum matches.
+Which files of a run folder hold checkpoints, and which one a run resumes from, is
+hrnet_cls.run_dir's job; putting the training objects back is hrnet_cls.resume's.
 """
 from __future__ import annotations
 
@@ -43,7 +41,7 @@ from timm.models import clean_state_dict  # strips DDP 'module.' / torch.compile
 from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile and EMA wrappers
 from torch import nn
 
-from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, verify, write_atomic
+from hrnet_cls.atomic import verify, write_atomic
 from hrnet_cls.errors import one_line
 from hrnet_cls.weights import read_file
 
@@ -191,20 +189,7 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-# ---------------------------------------------------------------- resume
-
-
-class ResumeError(RuntimeError):
-    """Checkpoints exist but none can be resumed from; the message lists what was tried."""
-
-
-def run_files(output_dir: Path) -> list[Path]:
-    """Checkpoint files in output_dir (never the .tmp files of an interrupted save)."""
-    names = [output_dir / "last.pth", *sorted(output_dir.glob("epoch_[0-9]*.pth")), output_dir / "best.pth"]
-    return [p for p in names if p.is_file()]
-
-
-def _check(path: Path) -> str:
+def check_checkpoint(path: Path) -> str:
     """'' when path's contents verify (checksum; a full load for files without one), else why not."""
     ok = verify(path)
     if ok is False:
@@ -214,88 +199,3 @@ def _check(path: Path) -> str:
     except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a foreign dict: all mean "not this one"
         return one_line(e)
     return ""
-
-
-def find_resume(output_dir: str | Path) -> Path | None:
-    """The newest (by stored step) checkpoint in output_dir whose contents verify; None when
-    there is no checkpoint at all. Raises ResumeError when there are some and none verifies:
-    starting from scratch would overwrite a run."""
-    output_dir, tried, found = Path(output_dir), [], []
-    for order, path in enumerate(run_files(output_dir)):
-        try:
-            step = int(load_checkpoint(path, mmap=True)["step"])  # the pickle only: cheap
-        except Exception as e:  # noqa: BLE001 - checked in full below
-            tried.append(f"{path.name}: {one_line(e)}")
-            continue
-        found.append((step, -order, path))  # ties prefer last.pth
-    for step, _, path in sorted(found, reverse=True):
-        problem = _check(path)
-        if not problem:
-            if tried:
-                logger.warning("resuming from %s (step %d); skipped: %s", path, step, "; ".join(tried))
-            return path
-        tried.append(f"{path.name}: {problem}")
-    if tried:
-        raise ResumeError(f"checkpoint.resume=auto: no checkpoint in {output_dir} can be resumed from "
-                          f"({'; '.join(tried)}); fix or move them, or start a new run in another "
-                          "checkpoint.output_dir")
-    return None
-
-
-def resume_path(resume: str, output_dir: str | Path) -> Path | None:
-    """Which checkpoint checkpoint.resume means: "" = none, "auto" = find_resume(output_dir)
-    (None when there is none), else that path, which must exist.
-
-    Under DDP decide on rank 0 and share the answer (distributed.broadcast_object), so
-    that every rank loads the same file with load_checkpoint.
-    """
-    if resume == "":
-        return None
-    if resume == "auto":
-        return find_resume(output_dir)
-    if not Path(resume).is_file():
-        raise FileNotFoundError(f"checkpoint.resume={resume!r} does not exist")
-    return Path(resume)
-
-
-class CheckpointManager:
-    """Writes last/best/epoch checkpoints of one run; use on the main rank only, under its RunLock.
-
-    Every name has its own storage: epoch_XXXX.pth and best.pth are copies of last.pth, not
-    links, so a corrupted or truncated file takes no other with it.
-    """
-
-    def __init__(self, output_dir: str | Path, keep: int):
-        self.output_dir = Path(output_dir)
-        self.keep = keep  # epoch_XXXX.pth files kept besides last.pth and best.pth
-        self.best_metric: float | None = None  # higher is better (top-1)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        for stale in stale_temps(self.output_dir):  # left by a save of a process that is gone
-            logger.info("removing %s left by an interrupted save", stale)
-            stale.unlink(missing_ok=True)
-
-    def save(self, state: Mapping[str, Any], metric: float | None = None, epoch_end: bool = True) -> Path:
-        """Write last.pth; at an epoch end also epoch_XXXX.pth; best.pth if metric improved.
-
-        epoch_end requires state["batch_in_epoch"] == 0; XXXX = state["epoch"] - 1.
-        """
-        improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
-        if improved:
-            self.best_metric = metric
-        last = self.output_dir / "last.pth"
-        save_checkpoint(last, {**state, "best_metric": self.best_metric})
-        if epoch_end and self.keep > 0:
-            if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
-                raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
-            copy_atomic(last, self.output_dir / f"epoch_{state['epoch'] - 1:04d}.pth")
-            self._prune()
-        if improved:
-            copy_atomic(last, self.output_dir / "best.pth")
-            logger.info("new best metric %.4f, saved %s", metric, self.output_dir / "best.pth")
-        return last
-
-    def _prune(self) -> None:
-        epochs = sorted(self.output_dir.glob("epoch_[0-9]*.pth"))
-        for old in epochs[: max(0, len(epochs) - self.keep)]:
-            old.unlink(missing_ok=True)
-            sidecar(old).unlink(missing_ok=True)

@@ -61,13 +61,6 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def collective_device() -> torch.device:
-    """Where collective tensors must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum tensor over all ranks in place (and return it); identity in one process."""
     if is_distributed():

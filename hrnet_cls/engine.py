@@ -2,7 +2,7 @@
 
 ``build_parts`` makes every choice of a recipe once (loss, precision, EMA, LR schedule, DDP,
 compile) as the objects of :class:`TrainParts`; ``train_one_epoch`` runs them without
-branching on the recipe and returns a dict of metrics over every step and every process.
+branching on the recipe and returns an :class:`EpochResult` over every step and every process.
 Evaluation lives in hrnet_cls.evaluation.
 
 Host syncs: the loop reads no device value per step. The loss sum and a count of non-finite
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
@@ -66,6 +66,25 @@ class TrainParts:
     save_interval: int  # optimizer steps between mid-epoch checkpoints; 0 = none
 
 
+@dataclass(frozen=True)
+class EpochResult:
+    """What train_one_epoch did, summed over every process."""
+
+    train_loss: float  # mean over the finite-loss steps
+    lr: float  # of the last step
+    images_per_s: float
+    train_time_s: float
+    skipped: int  # bad samples replaced by the data pipeline
+    nonfinite: int  # steps with a NaN / inf loss
+    step: int  # global optimizer steps after the epoch (or the stop)
+    batch: int  # batches of the loader's plan done
+    stopped: bool  # a stop signal ended the epoch early, at a step boundary every process agreed on
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers of an epoch's summary row (batch and stopped are positions, not metrics)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch", "stopped")}
+
+
 def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision) -> TrainParts:
     """Every recipe choice, made once: the loop runs these objects without branching.
 
@@ -79,7 +98,7 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
     scaler = precision.grad_scaler()
     return TrainParts(
         model=model, net=net, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
-        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule),
+        optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr),
         precision=precision, scaler=scaler, autocast=precision.autocast(), ema=ema, device=info.device,
         memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
         world_size=info.world_size, epochs=cfg.schedule.epochs,
@@ -88,16 +107,12 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
-                    tracker: Tracker, save: SaveFn, stop: StopRequest) -> dict[str, float]:
+                    tracker: Tracker, save: SaveFn, stop: StopRequest) -> EpochResult:
     """Train on the loader's remaining batches of ``epoch`` (0-based); ``global_step`` =
     optimizer steps taken before them. Every process must call it with equal loaders.
 
     Stops early, at the same step boundary on every process, when ``stop`` says so (a
     preemption signal); ``batch`` in the result then says how far the epoch got.
-    Returns train_loss (mean over finite steps of all processes), lr (of the last step),
-    step (after the epoch), batch (batches of the loader's plan done), stopped (0 or 1),
-    images_per_s (all processes), train_time_s, skipped (bad samples, all processes) and
-    nonfinite (steps with a NaN/inf loss, all processes).
     """
     parts.model.train()
     batches = loader.batches_per_epoch
@@ -118,8 +133,7 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
         if _due(global_step, parts.save_interval) and batch < batches:  # the epoch end saves after validation
             meter.read(global_step, weights=True)  # raises on a NaN / inf before anything is written
             save(epoch, batch, global_step)
-    summary = meter.summary(global_step, parts.optimizer.param_groups[0]["lr"])
-    return summary | {"batch": batch, "stopped": int(stopped)}
+    return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)
 
 
 def _train_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,10 +224,11 @@ class _Meter:
                     timedelta(seconds=round(eta)))
         tracker.log_step(global_step, {"loss": loss, "lr": lr, "images_per_s": ips, "epoch": progress})
 
-    def summary(self, global_step: int, lr: float) -> dict[str, float]:
+    def summary(self, global_step: int, lr: float, batch: int, stopped: bool) -> EpochResult:
         loss_sum, nonfinite, skipped = self.read(global_step, weights=True)  # train.py saves after this
         elapsed = time.perf_counter() - self.start
         finite = self.steps * self.parts.world_size - nonfinite
-        return {"train_loss": loss_sum / finite if finite else float("nan"), "lr": lr, "step": global_step,
-                "images_per_s": self.images * self.parts.world_size / max(elapsed, 1e-9),
-                "train_time_s": elapsed, "skipped": int(skipped), "nonfinite": int(nonfinite)}
+        return EpochResult(train_loss=loss_sum / finite if finite else float("nan"), lr=lr,
+                           images_per_s=self.images * self.parts.world_size / max(elapsed, 1e-9),
+                           train_time_s=elapsed, skipped=int(skipped), nonfinite=int(nonfinite), step=global_step,
+                           batch=batch, stopped=stopped)

@@ -47,14 +47,15 @@ class StepSchedule:
     seen, the lr of a sample does not change when a run resumes on another number of processes.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float):
         self.optimizer = optimizer
         self.decay_epochs = list(cfg.decay_epochs)
         self.decay_rate = cfg.decay_rate
         self.warmup_epochs = cfg.warmup_epochs
-        # Peak lr per group, read once from the optimizer as built from the config: an
-        # optimizer state loaded on resume cannot change it, the config decides.
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        # The peak lr of every group is the recipe's optim.lr, owned here: the optimizer's
+        # param_groups are only written, so a state loaded on resume (before or after this
+        # is built) cannot change the schedule.
+        self.base_lr = base_lr
 
     def factor_at(self, start: float, end: float | None = None) -> float:
         """Multiplier of the peak lr for a step over epoch progress [start, end]."""
@@ -65,12 +66,12 @@ class StepSchedule:
 
     def step(self, start: float, end: float) -> float:
         """Set every group's lr for the step over [start, end] (call before optimizer.step()); returns it."""
-        factor = self.factor_at(start, end)
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * factor
-        return self.optimizer.param_groups[0]["lr"]
+        lr = self.base_lr * self.factor_at(start, end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig) -> StepSchedule:
-    """The paper's step schedule over optimizer."""
-    return StepSchedule(optimizer, cfg)
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float) -> StepSchedule:
+    """The paper's step schedule over optimizer, peaking at base_lr (the recipe's optim.lr)."""
+    return StepSchedule(optimizer, cfg, base_lr)

@@ -30,13 +30,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from hrnet_cls.data.workers import STOP_SIGNALS
-
 logger = logging.getLogger(__name__)
 
 # EX_TEMPFAIL of sysexits.h: "try again later". Preempted with the checkpoint saved: running the
 # same command again (checkpoint.resume=auto) continues where this run stopped.
 PREEMPTED_EXIT = 75
+# SIGTERM: a scheduler's or torchrun's stop; SIGUSR1: `sbatch --signal=USR1@120`; SIGINT: Ctrl+C;
+# SIGHUP: a closed terminal. torchrun forwards TERM, INT and HUP to its workers.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 REPEAT_S = 2.0  # a repeated signal sooner than this is the same one delivered twice
 
 

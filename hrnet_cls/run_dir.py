@@ -1,165 +1,226 @@
-"""One run per output directory: a lock naming its holder, one-line file-system errors, and
-the decision where a run starts (``open_run``).
+"""The run folder (``checkpoint.output_dir``) and its one owner, :class:`RunDir`.
 
-``RunLock.acquire`` takes an exclusive POSIX lock (``fcntl.lockf``) on ``OUTPUT_DIR/.lock``
-and writes the holder (host, pid, start date, command) into the file. A second run fails at
-once with one line naming the holder. The kernel (or the NFS server) drops the lock when
-its process dies, even by SIGKILL, so a lock left by a dead run is taken over, with a
-warning naming the run that left it. On a file system without POSIX locks the run goes on
-with a warning: nothing then keeps a second run out.
+Every name in the folder is chosen here and nowhere else:
+
+    .lock               held by the run that uses the folder (hrnet_cls.run_lock)
+    config.yaml         the resolved recipe, written before the first checkpoint
+    last.pth            every save (mid-epoch, epoch end, stop)
+    epoch_XXXX.pth      copy of last.pth after epoch XXXX (0-based), the ``checkpoint.keep`` newest
+    best.pth            copy of last.pth when val top-1 improved
+    summary.csv         one row per epoch (hrnet_cls.tracking writes the rows)
+    PREEMPTED           left after a stop signal's save; the next start removes it
+    wandb/              W&B's local run files (unless WANDB_DIR says elsewhere)
+
+Each ``.pth`` has its ``NAME.sha256`` beside it, and an interrupted write leaves a temp file
+``.NAME.HOST.PID.XXXX.tmp``: both named by hrnet_cls.atomic, which writes every file here.
+
+Rank 0 opens the folder (creates it, takes the lock, removes the temp files of dead writers)
+and decides where the run starts (:meth:`RunDir.start`: new, resume, already finished, or
+refused); every rank learns the outcome. Only rank 0 writes here.
 """
 from __future__ import annotations
 
-import contextlib
-import datetime as dt
-import errno
-import fcntl
-import json
 import logging
-import os
-import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from hrnet_cls.atomic import HOST
-from hrnet_cls.errors import os_error_line
-from hrnet_cls.checkpoint import ResumeError, load_checkpoint, resume_path, run_files
+from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps
+from hrnet_cls.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from hrnet_cls.config import Config, save_config
+from hrnet_cls.distributed import broadcast_object
+from hrnet_cls.errors import one_line, os_error_line
+from hrnet_cls.resume import Position
+from hrnet_cls.run_lock import RunDirError, RunLock
 
 logger = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
-PREEMPTED_MARKER = "PREEMPTED"  # written after a preemption's save; the next start removes it
+LOCK = ".lock"
+CONFIG = "config.yaml"
+LAST = "last.pth"
+BEST = "best.pth"
+EPOCH_GLOB = "epoch_[0-9]*.pth"
+SUMMARY = "summary.csv"
+PREEMPTED = "PREEMPTED"
+
+__all__ = ["RunDir", "RunDirError", "Start"]
 
 
-class RunDirError(RuntimeError):
-    """The output directory cannot be used (locked, unwritable, holds another run); one line."""
+def epoch_name(epoch: int) -> str:
+    """The file of the weights after 0-based epoch ``epoch`` (as summary.csv numbers it)."""
+    return f"epoch_{epoch:04d}.pth"
 
 
-def prepare(output_dir: Path) -> None:
-    """Create output_dir (and parents) or fail in one line: not a directory, read-only, no space."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise RunDirError(f"checkpoint.output_dir {output_dir}: exists and is not a directory") from None
-    except OSError as exc:
-        raise RunDirError(os_error_line(exc, "checkpoint.output_dir: cannot create")) from None
-    if not output_dir.is_dir():
-        raise RunDirError(f"checkpoint.output_dir {output_dir}: exists and is not a directory")
+@dataclass(frozen=True)
+class Start:
+    """Where a run starts, decided by rank 0 and known to every rank."""
+
+    checkpoint: Path | None = None  # the file to continue from; None: a new run
+    position: Position = field(default_factory=Position)  # read from that file's header
+    finished: bool = False  # the checkpoint already ended the run's last epoch
 
 
-def _describe(holder: dict[str, Any]) -> str:
-    return (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')} "
-            f"({holder.get('command', '?')})")
+class RunDir:
+    """One run folder. Cheap to construct (no file-system access); :meth:`start` opens it."""
 
+    def __init__(self, path: str | Path, is_main: bool = True, keep: int = 0) -> None:
+        self.path = Path(path)
+        self.is_main = is_main  # only the main rank writes
+        self.keep = keep  # epoch_XXXX.pth files kept besides last.pth and best.pth
+        self.lock: RunLock | None = None
+        self.best_metric: float | None = None  # higher is better (val top-1)
 
-class RunLock:
-    """The lock of one output directory, held by this process (see the module docstring)."""
+    # ------------------------------------------------------------ names
 
-    def __init__(self, path: Path, fd: int | None) -> None:
-        self.path, self.fd = path, fd
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
 
-    @classmethod
-    def acquire(cls, output_dir: Path) -> RunLock:
-        path = output_dir / LOCK_NAME
-        for _ in range(5):  # retried only when the file was replaced between open and lock
+    @property
+    def summary_csv(self) -> Path:
+        return self.path / SUMMARY
+
+    @property
+    def preempted_marker(self) -> Path:
+        return self.path / PREEMPTED
+
+    def checkpoints(self) -> list[Path]:
+        """The checkpoint files present (never the temp files of an interrupted save)."""
+        names = [self.path / LAST, *sorted(self.path.glob(EPOCH_GLOB)), self.path / BEST]
+        return [p for p in names if p.is_file()]
+
+    # ------------------------------------------------------------ start
+
+    def start(self, resume: str, epochs: int) -> Start:
+        """Collective: rank 0 opens the folder and decides; every rank returns the same Start,
+        or raises the same RunDirError, before anything is written."""
+        outcome: Start | RunDirError = RunDirError("rank 0 did not decide")
+        if self.is_main:
             try:
-                fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+                outcome = self._open(resume, epochs)
+            except RunDirError as exc:
+                outcome = exc
             except OSError as exc:
-                raise RunDirError(os_error_line(exc, "checkpoint.output_dir: cannot create the lock")) from None
+                outcome = RunDirError(os_error_line(exc, "checkpoint.output_dir: cannot use"))
+        outcome = broadcast_object(outcome)
+        if isinstance(outcome, RunDirError):
+            raise outcome
+        return outcome
+
+    def _open(self, resume: str, epochs: int) -> Start:
+        self._prepare()
+        self.lock = RunLock.acquire(self.path / LOCK)
+        try:
+            start = self._decide(resume, epochs)
+        except BaseException:
+            self.close()
+            raise
+        for stale in stale_temps(self.path):  # left by a save of a process that is gone
+            logger.info("removing %s left by an interrupted save", stale)
+            stale.unlink(missing_ok=True)
+        self.preempted_marker.unlink(missing_ok=True)  # only now: a refused folder is left as it was
+        self.best_metric = start.position.best_metric
+        return start
+
+    def _prepare(self) -> None:
+        """Create the folder (and parents) or fail in one line: not a directory, read-only, no space."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise RunDirError(f"checkpoint.output_dir {self.path}: exists and is not a directory") from None
+        except OSError as exc:
+            raise RunDirError(os_error_line(exc, "checkpoint.output_dir: cannot create")) from None
+        if not self.path.is_dir():
+            raise RunDirError(f"checkpoint.output_dir {self.path}: exists and is not a directory")
+
+    def _decide(self, resume: str, epochs: int) -> Start:
+        """resume="" into a folder that holds checkpoints is refused (it would overwrite them);
+        "auto" takes the newest checkpoint that verifies (none verifying is an error, never a
+        silent restart); a path must exist and not overwrite a run in another folder."""
+        existing = [p.name for p in self.checkpoints()]
+        if resume == "" and existing:
+            raise RunDirError(f"{self.path} holds a run ({', '.join(existing)}); continue it with "
+                              "checkpoint.resume=auto, or start a new run in another checkpoint.output_dir")
+        if resume == "auto":
+            path = self._newest_verified()
+        elif resume:
+            path = Path(resume)
+            if existing and path.resolve().parent != self.path.resolve():
+                raise RunDirError(f"{self.path} holds another run ({', '.join(existing)}); resuming {resume} "
+                                  "there would overwrite it: use another checkpoint.output_dir")
+            if not path.is_file():
+                raise RunDirError(f"checkpoint.resume: no checkpoint file {resume!r}")
+        else:
+            return Start()
+        if path is None:
+            return Start()
+        position = Position.of(load_checkpoint(path, mmap=True))
+        return Start(path, position, finished=position.epoch >= epochs and position.batch_in_epoch == 0)
+
+    def _newest_verified(self) -> Path | None:
+        """The newest (by stored step) checkpoint whose contents verify; None when there is
+        none at all. Refuses when there are some and none verifies: starting from scratch
+        would overwrite a run."""
+        tried, found = [], []
+        for order, path in enumerate(self.checkpoints()):
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                previous = _read(fd)
-                os.close(fd)
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    raise RunDirError(f"{output_dir} is in use by another run: {_describe(previous)}; wait for it, "
-                                      "or use another checkpoint.output_dir") from None
-                logger.warning("%s: file locking unsupported here (%s): nothing keeps a second run out of %s",
-                               path, exc.strerror, output_dir)
-                return cls(path, None)
-            if os.fstat(fd).st_ino != _inode(path):  # released and removed by its holder meanwhile
-                os.close(fd)
+                step = int(load_checkpoint(path, mmap=True)["step"])  # the pickle only: cheap
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is "not this one"
+                tried.append(f"{path.name}: {one_line(exc)}")
                 continue
-            previous = _read(fd)
-            if previous:
-                logger.warning("taking over %s from a run that is gone: %s", path, _describe(previous))
-            _write(fd, {"host": HOST, "pid": os.getpid(), "command": " ".join(sys.argv),
-                        "started": dt.datetime.now().astimezone().isoformat(timespec="seconds")})
-            return cls(path, fd)
-        raise RunDirError(f"{path}: could not take the lock (other runs keep replacing it)")
-
-    def release(self) -> None:
-        """Remove the lock file and drop the lock (idempotent); removal first, so that a
-        run opening the file meanwhile finds it replaced and tries again."""
-        if self.fd is None:
-            return
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        os.close(self.fd)
-        self.fd = None
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return os.stat(path).st_ino
-    except FileNotFoundError:
+            found.append((step, -order, path))  # ties prefer last.pth
+        for step, _, path in sorted(found, reverse=True):
+            problem = check_checkpoint(path)
+            if not problem:
+                if tried:
+                    logger.warning("resuming from %s (step %d); skipped: %s", path, step, "; ".join(tried))
+                return path
+            tried.append(f"{path.name}: {problem}")
+        if tried:
+            raise RunDirError(f"checkpoint.resume=auto: no checkpoint in {self.path} can be resumed from "
+                              f"({'; '.join(tried)}); fix or move them, or start a new run in another "
+                              "checkpoint.output_dir")
         return None
 
+    def close(self) -> None:
+        """Release the lock (idempotent)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
-def _read(fd: int) -> dict[str, Any]:
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 1 << 16) or b"{}")
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    # ------------------------------------------------------------ writes (main rank)
 
+    def write_config(self, cfg: Config) -> None:
+        """The resolved recipe, written once, before the first checkpoint."""
+        if self.is_main:
+            save_config(cfg, self.path / CONFIG)
 
-def _write(fd: int, holder: dict[str, Any]) -> None:
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, json.dumps(holder).encode())
-    os.fsync(fd)
+    def mark_preempted(self, where: str) -> None:
+        """The marker a batch script tells a preemption from a crash by (torchrun reports any
+        worker exit as status 1)."""
+        if self.is_main:
+            self.preempted_marker.write_text(f"{where}\n")
 
+    def save(self, state: Mapping[str, Any], metric: float | None = None, epoch_end: bool = True) -> Path:
+        """Write last.pth; at an epoch end also epoch_XXXX.pth (XXXX = state["epoch"] - 1);
+        best.pth when metric improved. Each is an independent copy with its own checksum, so
+        a corrupted or truncated file takes no other with it."""
+        improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
+        if improved:
+            self.best_metric = metric
+        save_checkpoint(self.last, {**state, "best_metric": self.best_metric})
+        if epoch_end and self.keep > 0:
+            if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
+                raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
+            copy_atomic(self.last, self.path / epoch_name(state["epoch"] - 1))
+            self._prune()
+        if improved:
+            copy_atomic(self.last, self.path / BEST)
+            logger.info("new best metric %.4f, saved %s", metric, self.path / BEST)
+        return self.last
 
-@dataclass
-class RunStart:
-    """What rank 0 found in the output directory: where to resume, or that the run is done."""
-
-    resume: Path | None  # checkpoint to continue from; None = a new run
-    finished: dict[str, Any] | None = None  # the last checkpoint's epoch and metrics when it ended the run
-    lock: RunLock | None = None  # rank 0's lock (other ranks hold none)
-
-
-def open_run(output_dir: Path, resume: str, epochs: int) -> RunStart:
-    """Rank 0: make output_dir usable, lock it, and decide where training starts.
-
-    resume="" into a folder that holds checkpoints is refused (it would overwrite them);
-    "auto" takes the newest checkpoint that verifies (none verifying is an error, never a
-    silent restart); an explicit path must not point outside a folder that holds another run.
-    """
-    prepare(output_dir)
-    lock = RunLock.acquire(output_dir)
-    try:
-        (output_dir / PREEMPTED_MARKER).unlink(missing_ok=True)
-        existing = [p.name for p in run_files(output_dir)]
-        if resume == "" and existing:
-            raise RunDirError(f"{output_dir} holds a run ({', '.join(existing)}); continue it with "
-                              "checkpoint.resume=auto, or start a new run in another checkpoint.output_dir")
-        if resume not in ("", "auto") and existing and Path(resume).resolve().parent != output_dir.resolve():
-            raise RunDirError(f"{output_dir} holds another run ({', '.join(existing)}); resuming {resume} there "
-                              "would overwrite it: use another checkpoint.output_dir")
-        try:
-            path = resume_path(resume, output_dir)
-        except ResumeError as exc:
-            raise RunDirError(str(exc)) from None
-        finished = None
-        if path is not None:
-            state = load_checkpoint(path, mmap=True)
-            if state["epoch"] >= epochs and state["batch_in_epoch"] == 0:
-                finished = {"epoch": state["epoch"], "metrics": state.get("metrics") or {}, "path": str(path)}
-        return RunStart(path, finished, lock)
-    except BaseException:
-        lock.release()
-        raise
+    def _prune(self) -> None:
+        epochs = sorted(self.path.glob(EPOCH_GLOB))
+        for old in epochs[: max(0, len(epochs) - self.keep)]:
+            old.unlink(missing_ok=True)
+            sidecar(old).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 from hrnet_cls.config import Config, WandbConfig, config_to_dict
 from hrnet_cls.errors import flat
+from hrnet_cls.run_dir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ def _csv_cell(value: float | int | None) -> str:
 
 
 class Tracker:
-    """summary.csv + W&B for the main rank; on other ranks every method does nothing.
+    """summary.csv + W&B for the main rank of a run folder; on other ranks every method does nothing.
 
     start_epoch: the epoch a resumed run restarts at (checkpoint["epoch"]); rows of
     summary.csv from that epoch on are dropped, earlier ones kept. 0 starts a new file.
@@ -149,19 +150,19 @@ class Tracker:
     finish within init_timeout_s; otherwise training goes on without W&B.
     """
 
-    def __init__(self, cfg: Config, output_dir: str | Path, is_main: bool, start_epoch: int = 0,
+    def __init__(self, cfg: Config, run_dir: RunDir, start_epoch: int = 0,
                  connect_timeout_s: float = 3.0, init_timeout_s: float = 30.0):
-        self.enabled = is_main
+        self.enabled = run_dir.is_main
         self.run: Any = None  # the wandb Run, or None without W&B
-        self.summary_path = Path(output_dir) / "summary.csv"
+        self.summary_path = run_dir.summary_csv
         self._warned_extra: set[str] = set()
-        if not is_main:
+        if not self.enabled:
             return
         self.summary_path.parent.mkdir(parents=True, exist_ok=True)
         self._start_summary(start_epoch)
         mode = resolve_wandb_mode(cfg.wandb, connect_timeout_s)
         if mode != "disabled":
-            self.run = _init_wandb(cfg, Path(output_dir), mode, init_timeout_s)
+            self.run = _init_wandb(cfg, run_dir.path, mode, init_timeout_s)
 
     def _start_summary(self, start_epoch: int) -> None:
         kept: list[dict[str, str]] = []

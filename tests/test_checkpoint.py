@@ -18,20 +18,17 @@ from torch import nn
 
 from conftest import same_weights, tiny_model
 from hrnet_cls.checkpoint import (
-    CheckpointManager,
-    ResumeError,
     build_state,
     capture_rng,
-    find_resume,
     git_commit,
     load_checkpoint,
     restore_rng,
     restore_state,
-    resume_path,
     save_checkpoint,
 )
 from hrnet_cls.config import Config, config_to_dict
 from hrnet_cls.optim import build_optimizer
+from hrnet_cls.run_dir import RunDir, RunDirError, Start
 
 CONFIG = config_to_dict(Config())
 
@@ -39,6 +36,15 @@ CONFIG = config_to_dict(Config())
 def make_state(model: nn.Module, epoch: int, step: int, **extra) -> dict:
     opt = build_optimizer(model, Config().optim)
     return {**build_state(model=model, optimizer=opt, epoch=epoch, step=step, batch_in_epoch=0, config=CONFIG), **extra}
+
+
+def started(out: Path, resume: str = "auto", epochs: int = 100) -> Start:
+    """Where a run in ``out`` would start (the lock is taken and released)."""
+    run = RunDir(out)
+    try:
+        return run.start(resume, epochs)
+    finally:
+        run.close()
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +135,8 @@ save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(1000)}, "hang": Hang()}
 @pytest.mark.slow  # a child interpreter importing torch and timm: ~5 s
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None:
     out = tmp_path / "run"
-    CheckpointManager(out, keep=2).save(make_state(model, epoch=1, step=10))
+    out.mkdir()
+    RunDir(out, keep=2).save(make_state(model, epoch=1, step=10))
     marker = tmp_path / "marker"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(out / "last.pth"), str(marker)],
                              cwd=Path(__file__).parent.parent)
@@ -142,13 +149,12 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None
     leftovers = list(out.glob(".*.tmp"))
     assert leftovers, "the killed save should have left its partial temp file"
     assert load_checkpoint(out / "last.pth")["step"] == 10
-    assert find_resume(out) == out / "last.pth"
-    CheckpointManager(out, keep=2)  # a new run's manager removes the partial file
+    assert started(out).checkpoint == out / "last.pth"  # opening the folder removes the partial file
     assert not list(out.glob(".*.tmp"))
 
 
-def test_manager_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
-    manager = CheckpointManager(tmp_path, keep=2)
+def test_run_dir_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
+    manager = RunDir(tmp_path, keep=2)
     for epoch, top1 in enumerate([10.0, 30.0, 20.0, 50.0, 40.0], start=1):
         manager.save(make_state(model, epoch=epoch, step=epoch * 100), metric=top1)
     files = sorted(p.name for p in tmp_path.glob("*.pth"))
@@ -157,11 +163,13 @@ def test_manager_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
     assert load_checkpoint(tmp_path / "epoch_0003.pth")["step"] == 400
     assert load_checkpoint(tmp_path / "last.pth")["best_metric"] == 50.0
     assert not (tmp_path / "config.yaml").exists()  # train.py writes it, once per run
-    assert load_checkpoint(resume_path("auto", tmp_path))["step"] == 500
+    start = started(tmp_path, epochs=5)
+    assert start.checkpoint == tmp_path / "last.pth" and start.finished
+    assert (start.position.step, start.position.epoch, start.position.best_metric) == (500, 5, 50.0)
 
 
 def test_mid_epoch_save_writes_only_last(tmp_path, model) -> None:
-    manager = CheckpointManager(tmp_path, keep=2)
+    manager = RunDir(tmp_path, keep=2)
     state = {**make_state(model, epoch=2, step=250), "batch_in_epoch": 50}
     manager.save(state, epoch_end=False)
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["last.pth"]
@@ -170,36 +178,35 @@ def test_mid_epoch_save_writes_only_last(tmp_path, model) -> None:
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, model, caplog) -> None:
-    manager = CheckpointManager(tmp_path, keep=3)
+    manager = RunDir(tmp_path, keep=3)
     for epoch in (1, 2, 3):
         manager.save(make_state(model, epoch=epoch, step=epoch * 100))
     # Truncate last.pth in place: epoch_0002.pth holds the same state in its own storage.
     data = (tmp_path / "last.pth").read_bytes()
     with open(tmp_path / "last.pth", "r+b") as f:
         f.truncate(len(data) // 2)
-    with caplog.at_level(logging.WARNING, logger="hrnet_cls.checkpoint"):
-        assert find_resume(tmp_path) == tmp_path / "epoch_0002.pth"
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.run_dir"):
+        assert started(tmp_path).checkpoint == tmp_path / "epoch_0002.pth"
     (tmp_path / "epoch_0002.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "epoch_0001.pth").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit
-    with caplog.at_level(logging.WARNING, logger="hrnet_cls.checkpoint"):
-        assert find_resume(tmp_path) == tmp_path / "epoch_0000.pth"
-        assert load_checkpoint(resume_path("auto", tmp_path))["step"] == 100
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.run_dir"):
+        start = started(tmp_path)
+        assert start.checkpoint == tmp_path / "epoch_0000.pth" and start.position.step == 100
     assert "last.pth" in caplog.text and "epoch_0002.pth" in caplog.text and "epoch_0001.pth" in caplog.text
     for path in tmp_path.glob("*.pth"):
         path.write_bytes(b"garbage")
-    with pytest.raises(ResumeError, match=r"no checkpoint in .* can be resumed from \(last.pth: .*epoch_0000.pth"):
-        find_resume(tmp_path)
+    with pytest.raises(RunDirError, match=r"no checkpoint in .* can be resumed from \(last.pth: .*epoch_0000.pth"):
+        started(tmp_path)
 
 
 def test_resume_modes(tmp_path, model) -> None:
-    (tmp_path / "empty").mkdir()
     save_checkpoint(tmp_path / "x.pth", make_state(model, epoch=4, step=40))
-    assert load_checkpoint(resume_path(str(tmp_path / "x.pth"), tmp_path / "empty"))["epoch"] == 4
-    assert resume_path("", tmp_path) is None and resume_path("auto", tmp_path / "empty") is None
-    assert resume_path("auto", tmp_path) is None  # x.pth is not one of the run's file names
-    assert resume_path(str(tmp_path / "x.pth"), tmp_path) == tmp_path / "x.pth"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        resume_path(str(tmp_path / "missing.pth"), tmp_path)
+    assert started(tmp_path / "empty", str(tmp_path / "x.pth")).position.epoch == 4
+    assert started(tmp_path, "") == Start() and started(tmp_path / "empty") == Start()
+    assert started(tmp_path) == Start()  # x.pth is not one of the run's file names
+    assert started(tmp_path, str(tmp_path / "x.pth")).checkpoint == tmp_path / "x.pth"
+    with pytest.raises(RunDirError, match="no checkpoint file"):
+        started(tmp_path, str(tmp_path / "missing.pth"))
 
 
 def test_git_commit(tmp_path) -> None:

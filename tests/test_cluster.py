@@ -23,7 +23,7 @@ from conftest import (REPO, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_s
                       subprocess_env, train_command)
 from hrnet_cls.atomic import verify
 from hrnet_cls.preemption import PREEMPTED_EXIT
-from hrnet_cls.run_dir import PREEMPTED_MARKER
+from hrnet_cls.run_dir import PREEMPTED as PREEMPTED_MARKER
 
 train_script = load_script("train.py")
 # 2 epochs of 11 steps, a mid-epoch checkpoint every 4 steps, drop path + EMA: RNG and EMA state matter

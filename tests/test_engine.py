@@ -11,10 +11,11 @@ from hrnet_cls.distributed import DistInfo
 from hrnet_cls.engine import build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import StopRequest
+from hrnet_cls.run_dir import RunDir
 from hrnet_cls.tracking import Tracker
 
 TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images
-NO_TRACKER = Tracker(Config(), "unused", is_main=False)  # a non-main rank's tracker: writes nothing
+NO_TRACKER = Tracker(Config(), RunDir("unused", is_main=False))  # a non-main rank's tracker: writes nothing
 
 
 def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
@@ -29,10 +30,10 @@ def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
     for interval in (steps, 1):
         parts.log_interval = interval
         with HostReads() as counter:
-            metrics = train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
-                                      save=lambda *a: None, stop=StopRequest())
+            result = train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
+                                     save=lambda *a: None, stop=StopRequest())
         reads[interval] = counter.count
-        assert metrics["step"] == steps and metrics["train_loss"] > 0
+        assert result.step == steps and result.train_loss > 0 and not result.stopped
     # reads = constant + one per log line: nothing per step
     assert reads[1] - reads[steps] == steps - 1
     assert reads[steps] <= 3, reads  # 1 log line + the epoch summary (+ the DataLoader's seed draw)

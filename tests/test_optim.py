@@ -106,7 +106,7 @@ def at(step: int, steps_per_epoch: int) -> tuple[float, float]:
 
 def test_step_boundaries_are_at_the_milestone_not_before() -> None:
     opt = build_optimizer(nn.Linear(2, 2), SGD)
-    sched = build_scheduler(opt, schedule())
+    sched = build_scheduler(opt, schedule(), SGD.lr)
     assert sched.factor_at(0.0) == 1.0
     assert sched.factor_at(29.0) == 1.0 and sched.factor_at(29.999) == 1.0
     assert sched.factor_at(30.0) == pytest.approx(0.1, rel=1e-12)
@@ -121,7 +121,7 @@ def test_step_boundaries_are_at_the_milestone_not_before() -> None:
 
 def test_linear_warmup_is_per_step() -> None:
     opt = build_optimizer(nn.Linear(2, 2), SGD)
-    sched = build_scheduler(opt, schedule(decay=[5], warmup=2, epochs=10))
+    sched = build_scheduler(opt, schedule(decay=[5], warmup=2, epochs=10), SGD.lr)
     lrs = [sched.step(*at(s, 10)) for s in range(60)]
     assert lrs[0] == pytest.approx(0.1 / 20)  # first step is not wasted at lr 0
     assert lrs[9] == pytest.approx(0.1 * 10 / 20)
@@ -133,30 +133,36 @@ def test_linear_warmup_is_per_step() -> None:
 def test_every_group_follows_the_schedule() -> None:
     cfg = OptimConfig(lr=0.2, momentum=0.9, nesterov=True, weight_decay=1e-4, wd_on_norm_and_bias=False)
     opt = build_optimizer(HRNetNamed(), cfg)
-    sched = build_scheduler(opt, schedule(decay=[1]))
+    sched = build_scheduler(opt, schedule(decay=[1]), cfg.lr)
     sched.step(*at(4, 4))
     assert [g["lr"] for g in opt.param_groups] == [pytest.approx(0.02)] * 2
 
 
 def test_resume_needs_only_the_epoch_progress() -> None:
     """A rebuilt scheduler at step k gives what an uninterrupted one gives, whatever the
-    loaded optimizer state says about lr."""
+    loaded optimizer state says about lr, and whether it is built before or after the load."""
     model = nn.Linear(2, 2)
     opt = build_optimizer(model, SGD)
-    sched = build_scheduler(opt, schedule(decay=[2, 3], epochs=4))
+    sched = build_scheduler(opt, schedule(decay=[2, 3], epochs=4), SGD.lr)
     uninterrupted = [sched.step(*at(s, 7)) for s in range(28)]
     state = opt.state_dict()  # saved with the lr of step 27
     opt2 = build_optimizer(model, SGD)
-    sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4))
+    sched2 = build_scheduler(opt2, schedule(decay=[2, 3], epochs=4), SGD.lr)
     opt2.load_state_dict(state)
     assert [sched2.step(*at(s, 7)) for s in range(15, 28)] == uninterrupted[15:]
+    # built after the restore, from an optimizer whose groups hold the decayed lr of step 27
+    opt3 = build_optimizer(model, SGD)
+    opt3.load_state_dict(state)
+    assert opt3.param_groups[0]["lr"] != SGD.lr
+    sched3 = build_scheduler(opt3, schedule(decay=[2, 3], epochs=4), SGD.lr)
+    assert [sched3.step(*at(s, 7)) for s in range(15, 28)] == uninterrupted[15:]
 
 
 def test_the_lr_of_a_sample_does_not_depend_on_the_global_batch() -> None:
     """Warm-up over 1 epoch then /10 at 1: 8 steps of 32 samples or 2 steps of 128 give the
     lr each sample is trained at, up to the step it falls in (the warm-up rises per step)."""
     opt = build_optimizer(nn.Linear(2, 2), SGD)
-    sched = build_scheduler(opt, schedule(decay=[1], warmup=1, epochs=3))
+    sched = build_scheduler(opt, schedule(decay=[1], warmup=1, epochs=3), SGD.lr)
     small = [sched.step(*at(s, 8)) for s in range(16)]
     large = [sched.step(*at(s, 2)) for s in range(4)]
     assert small[7] == large[1] == pytest.approx(0.1)  # the step ending epoch 0

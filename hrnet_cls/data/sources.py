@@ -224,6 +224,13 @@ class Segment:
 class LabelError(ValueError):
     """A label outside 0..num_classes-1: the data and model.num_classes disagree (never skipped)."""
 
+    @property
+    def reason(self) -> str:
+        """The message as raised. Raised in a DataLoader worker, torch re-raises it in the trainer
+        as a LabelError built from the worker's whole formatted traceback: the original message
+        is then only there as the text after the traceback's last 'LabelError: '."""
+        return str(self).strip().splitlines()[-1].split("LabelError: ")[-1]
+
 
 @dataclass
 class SkipCounter:

@@ -32,7 +32,7 @@ from hrnet_cls.data.sources import (
     warn,
 )
 from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, sample_rng, train_crop
-from hrnet_cls.data.workers import check_common, make_loader, stop_workers
+from hrnet_cls.data.workers import check_common, iterate, stop_workers
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ class TrainLoader:
 
     def __iter__(self) -> Iterator[TrainBatch]:
         expected, held = self.plan.start_batch, {}
-        batches = iter(make_loader(_TrainStream(self.plan), self.workers, self.pin_memory))
+        batches = iterate(_TrainStream(self.plan), self.workers, self.pin_memory)
         try:
             for index, batch in batches:
                 held[index] = batch

@@ -10,7 +10,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from hrnet_cls.data.sources import Segment, SkipCounter, expand_urls, num_classes_of, read_info, read_segment
 from hrnet_cls.data.sources import shard_lengths, warn
 from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, eval_crop, eval_resize
-from hrnet_cls.data.workers import check_common, make_loader, stop_workers
+from hrnet_cls.data.workers import check_common, iterate, stop_workers
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class ValLoader:
         return sum(-(-n // self.plan.batch_size) for n in sizes)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-        batches = iter(make_loader(_ValStream(self.plan), self.workers, self.pin_memory))
+        batches = iterate(_ValStream(self.plan), self.workers, self.pin_memory)
         try:
             for images, targets, skipped in batches:
                 yield images, targets, int(skipped)

@@ -6,17 +6,18 @@ import multiprocessing
 import os
 import signal
 import sys
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from torch.utils.data import DataLoader, IterableDataset
 
 from hrnet_cls.data.transforms import INTERPOLATIONS
+from hrnet_cls.preemption import STOP_SIGNALS
 
 # Workers are forked on Linux even where the process itself was spawned (mp.spawn sets
 # "spawn" as the default): a spawned worker re-imports torch and timm, 5-20 s per worker
 # per epoch. The workers touch no CUDA state.
 _WORKER_START = "fork" if sys.platform.startswith("linux") else None
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)  # torchrun forwards TERM, INT, HUP
+_OURS: set = set()  # the worker processes our loaders started: the only ones the exit hook kills
 
 
 def usable_cores() -> int:
@@ -35,20 +36,27 @@ def _ignore_stop_signals(worker_id: int) -> None:
 @atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
 def _kill_leftover_workers() -> None:
     """At exit multiprocessing stops daemonic children with SIGTERM, which our workers ignore:
-    a loader left unfinished (an exception, a stop mid-epoch) would hang the exit. Kill them."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
+    a loader left unfinished (an exception, a stop mid-epoch) would hang the exit. Kill those
+    of ours still alive; other libraries' children are theirs to stop."""
+    children = [child for child in multiprocessing.active_children() if child in _OURS]
     if children:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as failures
     for child in children:
         child.kill()
 
 
-def make_loader(dataset: IterableDataset, workers: int, pin_memory: bool) -> Iterable:
-    """The dataset itself (workers=0) or a DataLoader over it whose items are whole batches."""
+def iterate(dataset: IterableDataset, workers: int, pin_memory: bool) -> Iterator:
+    """An iterator over the dataset itself (workers=0) or over a DataLoader whose items are
+    whole batches; the worker processes it starts are remembered for the exit hook."""
     if workers == 0:
-        return dataset
-    return DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                      multiprocessing_context=_WORKER_START, worker_init_fn=_ignore_stop_signals)
+        return iter(dataset)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                        multiprocessing_context=_WORKER_START, worker_init_fn=_ignore_stop_signals)
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)  # starts the workers (the DataLoader keeps their handles private)
+    _OURS.difference_update([c for c in _OURS if not c.is_alive()])
+    _OURS.update(set(multiprocessing.active_children()) - before)
+    return batches
 
 
 def stop_workers(batches: Iterator) -> None:
