@@ -150,3 +150,39 @@ def test_set_epoch_retargets_the_loader(tmp_path: Path) -> None:
     assert same_batches(list(loader), epoch_batches(urls, epoch=1)[2:])
     with pytest.raises(ValueError, match="start_batch=5 outside 0..4"):
         loader.set_epoch(1, start_batch=5)
+
+
+# A loader left unfinished at exit (its workers ignore SIGTERM) next to another library's
+# daemonic child that cleans up on SIGTERM: the exit must not hang, and only our workers
+# may be killed outright.
+EXIT_CHILD = """
+import multiprocessing, pathlib, signal, sys, time
+from hrnet_cls.data import build_train_loader
+
+def foreign(marker):
+    def on_term(*_):
+        pathlib.Path(marker).write_text("terminated")
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    other = multiprocessing.get_context("fork").Process(target=foreign, args=(sys.argv[2],), daemon=True)
+    other.start()
+    batches = iter(build_train_loader(sys.argv[1], batch_size=8, img_size=16, seed=0, epoch=0, workers=2))
+    next(batches)
+    print("left unfinished", flush=True)
+"""
+
+
+@pytest.mark.slow  # a child interpreter importing torch: ~5 s
+def test_exit_kills_only_our_unfinished_workers(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import DIGITS, REPO
+    marker = tmp_path / "foreign"
+    child = subprocess.run([sys.executable, "-c", EXIT_CHILD, str(DIGITS / "train-000000.tar"), str(marker)],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0 and "left unfinished" in child.stdout, child.stderr[-2000:]
+    assert marker.read_text() == "terminated"  # multiprocessing's own SIGTERM, not our SIGKILL
