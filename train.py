@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import timm
 import torch
 from timm.utils import random_seed
 from torch import nn
 
-from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the HRNet-C models with timm
 from hrnet_cls.checkpoint import build_state, capture_rng, load_checkpoint
 from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
@@ -49,7 +47,8 @@ from hrnet_cls.preemption import PREEMPTED_EXIT, Preempted, StopRequest
 from hrnet_cls.resume import Position, restore
 from hrnet_cls.run_dir import RunDir, RunDirError, Start
 from hrnet_cls.tracking import Tracker
-from hrnet_cls.weights import init_from, read_state_dict
+from hrnet_cls.model_card import ModelCard, create_model
+from hrnet_cls.weights import read_state_dict
 
 logger = logging.getLogger("train")
 
@@ -98,17 +97,16 @@ def preflight(cfg: Config) -> Precision:
 def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     """The bare model on its device, identical on every rank (same seed; DDP broadcasts too)."""
     random_seed(cfg.train.seed)
-    # HRNet-C keeps its activations in the layout it is built with; other timm models follow their input
-    layout = {"channels_last": cfg.train.channels_last} if cfg.model.name in MODEL_CFGS else {}
-    net = timm.create_model(cfg.model.name, num_classes=cfg.model.num_classes,
-                            drop_path_rate=cfg.model.drop_path_rate, **layout)
     if start_from:
         logger.info("initialising %s from %s", cfg.model.name, start_from)
-        try:
-            init_from(net, start_from)  # a classifier of another num_classes keeps its fresh init
-        except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, another architecture
-            raise RunDirError(f"model.init_from {start_from}: cannot start from it: "
-                              f"{one_line(e).removeprefix(f'{start_from}: ')}") from None
+    try:  # a classifier of another num_classes keeps its fresh init
+        net = create_model(ModelCard.from_config(cfg), init_from=start_from, channels_last=cfg.train.channels_last,
+                           drop_path_rate=cfg.model.drop_path_rate)
+    except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, another architecture
+        if not start_from:
+            raise
+        raise RunDirError(f"model.init_from {start_from}: cannot start from it: "
+                          f"{one_line(e).removeprefix(f'{start_from}: ')}") from None
     net.set_grad_checkpointing(cfg.model.grad_checkpointing)
     if cfg.train.sync_bn and info.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
