@@ -27,19 +27,8 @@ import torch
 from hrnet_cls.data import expand_urls
 from hrnet_cls.distributed import barrier, cleanup, init_distributed
 from hrnet_cls.precision import PRECISIONS, Precision
-from hrnet_cls.validation import (
-    Row,
-    SweepError,
-    SweepSettings,
-    build_rows,
-    checkpoint_specs,
-    describe_all,
-    expected_samples,
-    format_table,
-    model_specs,
-    run_sweep,
-    write_results,
-)
+from hrnet_cls.validation import (Row, SweepError, SweepSettings, build_rows, checkpoint_specs, describe_all,
+                                  expected_samples, format_table, model_specs, run_sweep, write_results)
 
 logger = logging.getLogger("validate")
 

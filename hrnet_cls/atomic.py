@@ -6,9 +6,8 @@ the previous version readable and the temp file is removed (docs/design.md §6.3
 carry the writer's host and pid (``.last.pth.HOST.PID.XXXX.tmp``): clean-up removes only
 those proven stale, written on this host by a process that no longer exists.
 
-Every file the project writes goes through ``publish``: ``write_atomic`` (bytes, text, or a
-function given the open file) for our own writers, ``publish`` directly for a file another
-library wrote by name under a temporary path (tar shards, an export's staging folder).
+Every file the project writes goes through ``publish``, by ``write_atomic`` or directly for a
+file another library wrote by name (tar shards, an export's staging folder).
 
 Checksums: ``write_atomic(..., checksum=True)`` hashes the bytes as they are written (no
 second read) and leaves ``NAME.sha256`` beside the file in ``sha256sum`` format, so
@@ -60,9 +59,9 @@ class _Hashing:
         self.file.flush()
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename durable: the directory entry itself must reach the disk."""
-    fd = os.open(directory, os.O_RDONLY)
+def _fsync(path: str | os.PathLike) -> None:
+    """Flush a file, or a directory's entries (what makes a rename durable), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -78,15 +77,9 @@ def _umask() -> int:
 _MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's 0600 would hide checkpoints from the group
 
 
-def _temp(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, _MODE)
-    return fd, tmp
-
-
 def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
     """(temp path, sha256 hex) of ``write``'s output beside path; the temp is removed on failure."""
-    fd, tmp = _temp(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST_TAG}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             out = _Hashing(f)
@@ -104,26 +97,22 @@ def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Put the finished file ``tmp`` at ``path`` atomically: fsync'ed, given open()'s mode (some
-    writers make 0600 files), renamed (same file system), the directory fsync'ed. On failure tmp
-    is removed and path left as it was. The one rename of every file the project writes."""
+    """Put the finished file ``tmp`` at ``path`` (same file system) atomically: fsync'ed, given
+    open()'s mode (some writers make 0600 files), renamed, the directory fsync'ed; on failure
+    tmp is removed and path left as it was. The one rename of every file the project writes."""
     try:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync(tmp)
         os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(Path(path).parent)
+    _fsync(Path(path).parent)
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None] | bytes | str, checksum: bool = False) -> str:
-    """Put ``write`` at ``path`` atomically: the bytes, the text (UTF-8), or what a function
-    ``write(file)`` writes to the open binary file. Returns the file's sha256 hex.
+    """Put at ``path`` atomically the bytes, the text (UTF-8), or what ``write(file)`` writes to
+    the open binary file; returns the file's sha256 hex.
 
     checksum: also write ``path.sha256``, after the file (a crash in between leaves a file
     whose checksum does not match: resume then falls back to an older checkpoint).
@@ -133,18 +122,17 @@ def write_atomic(path: str | os.PathLike, write: Callable[[Any], None] | bytes |
         data = write.encode() if isinstance(write, str) else write
         write = lambda f: f.write(data)  # noqa: E731
     tmp, digest = _write_temp(path, write)
-    side = None
+    pairs = [(tmp, path)]
     try:
-        if checksum:
+        if checksum:  # both written before either is renamed: a full disk leaves the old pair
             side = _write_temp(sidecar(path), lambda f: f.write(f"{digest}  {path.name}\n".encode()))[0]
-        publish(tmp, path)
+            pairs.append((side, sidecar(path)))
+        for temp, final in pairs:
+            publish(temp, final)
     except BaseException:
-        for leftover in (tmp, side):
-            if leftover:
-                Path(leftover).unlink(missing_ok=True)
+        for temp, _ in pairs:
+            Path(temp).unlink(missing_ok=True)
         raise
-    if side is not None:
-        publish(side, sidecar(path))
     return digest
 
 

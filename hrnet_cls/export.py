@@ -41,7 +41,7 @@ Exit status: 0 = exported; 2 = a usage or input problem (one line on stderr, not
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -144,13 +144,7 @@ def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str
 
 
 def missing_onnx_packages() -> list[str]:
-    missing = []
-    for name in ONNX_PACKAGES:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
+    return [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def logit_differences(onnx_file: Path, model: nn.Module, input_size: tuple[int, int, int],

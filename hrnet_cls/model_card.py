@@ -1,18 +1,10 @@
 """One description of a model to build: architecture, classes, labels, preprocessing, precision.
 
-Training, validation and export all need the same facts about a set of weights, and read
-them here, from whatever they have:
-
-- ``ModelCard.from_config``: a training recipe (``Config``, or the dict a checkpoint stores);
-  the preprocessing is the training pipeline's: ``data.img_size``, ``data.crop_pct``, bilinear,
-  ImageNet mean/std (hrnet_cls.data.transforms); the labels are the training shards';
-- ``ModelCard.from_checkpoint``: one of our training checkpoints, read (its config, its
-  ``model_name`` first, num_classes from the classifier when the config has none);
-- ``ModelCard.from_name``: a timm name (optionally with the tensors of a weights file for it)
-  or ``local-dir:FOLDER``: timm's pretrained_cfg, a folder's config.json read as timm reads it.
-
-``create_model`` builds the model a card describes and loads weights into it: strictly, or as
-a fine-tuning start (``init_from``: every weight but a classifier of another shape).
+Training, validation and export read it from what they have: a training recipe or the config a
+checkpoint stores (``from_config``, ``from_checkpoint``: the training pipeline's preprocessing
+and labels), or a timm name / ``local-dir:FOLDER`` (``from_name``: timm's pretrained_cfg, the
+folder's config.json). ``create_model`` builds the model a card describes and loads weights
+into it: strictly, or as a fine-tuning start (``init_from``).
 """
 from __future__ import annotations
 
@@ -132,23 +124,18 @@ class ModelCard:
         """(class names, or None; one line saying where they came from or why there are none)."""
         if self.label_names:
             return list(self.label_names), f"label names: {len(self.label_names)} class names from {self.model}"
-        if not self.label_source:
-            return None, "no label names: the checkpoint's config names no data.train_shards"
-        where = f"the _info.json of {self.label_source}"
         try:
-            info = read_info(self.label_source)
+            info = read_info(self.label_source) if self.label_source else None
         except Exception as exc:  # noqa: BLE001 - shards moved or unreachable: go on without names
-            return None, f"no label names: the training shards {self.label_source} are not reachable " \
-                         f"({one_line(exc, whole=True)})"
-        if info is None:
-            return None, f"no label names: no _info.json beside the training shards {self.label_source}"
-        names = info.get("class_names")
-        if not names:
-            return None, f"no label names: {where} lists no class_names"
-        if len(names) != self.num_classes:
-            return None, f"no label names: {where} lists {len(names)} class names, the model has " \
-                         f"{self.num_classes} classes"
-        return [str(n) for n in names], f"label names: {len(names)} class names from {where}"
+            return None, (f"no label names: the training shards {self.label_source} are not reachable "
+                          f"({one_line(exc, whole=True)})")
+        names, where = (info or {}).get("class_names") or [], f"the _info.json of {self.label_source}"
+        if names and len(names) == self.num_classes:
+            return [str(n) for n in names], f"label names: {len(names)} class names from {where}"
+        why = ("the checkpoint's config names no data.train_shards" if not self.label_source else
+               f"no _info.json beside the training shards {self.label_source}" if info is None else
+               f"{where} lists {len(names) or 'no'} class names, the model has {self.num_classes} classes")
+        return None, f"no label names: {why}"
 
 
 def create_model(card: ModelCard, weights: Mapping[str, torch.Tensor] | None = None, *, init_from: str = "",

@@ -28,17 +28,8 @@ file and the problem; the sweep goes on with the other rows.
 """
 from hrnet_cls.validation.passes import PassStats, SweepSettings, expected_samples, plan_passes, run_pass, run_sweep
 from hrnet_cls.validation.report import RESULT_COLUMNS, format_table, row_record, write_results
-from hrnet_cls.validation.specs import (
-    ModelSpec,
-    Preprocess,
-    Row,
-    SweepError,
-    build_rows,
-    checkpoint_specs,
-    describe,
-    describe_all,
-    model_specs,
-)
+from hrnet_cls.validation.specs import (ModelSpec, Preprocess, Row, SweepError, build_rows, checkpoint_specs, describe,
+                                       describe_all, model_specs)
 
 __all__ = [
     "ModelSpec", "PassStats", "Preprocess", "RESULT_COLUMNS", "Row", "SweepError", "SweepSettings", "build_rows",

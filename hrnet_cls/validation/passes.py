@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -141,19 +141,14 @@ def _finish(rows: Sequence[Row], tally: Tally, settings: SweepSettings) -> tuple
     return totals.decoded, totals.skipped
 
 
-class _LazyLoader:
-    """The val loader of one pass, built when iterated: a failure to build it (an
+def _batches(settings: SweepSettings, prep: Preprocess, dist_info: DistInfo) -> Iterator:
+    """The val loader of one pass, built when first iterated: a failure to build it (an
     interpolation the loader lacks, say) is then met inside feed(), like a read error."""
-
-    def __init__(self, settings: SweepSettings, prep: Preprocess, dist_info: DistInfo) -> None:
-        self.settings, self.prep, self.dist_info = settings, prep, dist_info
-
-    def __iter__(self) -> Iterable:
-        s, p = self.settings, self.prep
-        return iter(build_val_loader(
-            list(s.shards), batch_size=s.batch_size, img_size=p.img_size, crop_pct=p.crop_pct,
-            rank=self.dist_info.rank, world_size=self.dist_info.world_size, workers=s.workers, mean=p.mean,
-            std=p.std, interpolation=p.interpolation, pin_memory=s.device.type == "cuda"))
+    s, p = settings, prep
+    yield from build_val_loader(
+        list(s.shards), batch_size=s.batch_size, img_size=p.img_size, crop_pct=p.crop_pct, rank=dist_info.rank,
+        world_size=dist_info.world_size, workers=s.workers, mean=p.mean, std=p.std, interpolation=p.interpolation,
+        pin_memory=s.device.type == "cuda")
 
 
 def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
@@ -166,7 +161,7 @@ def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
     for row, error in zip(rows, errors):
         row.error = error
     live = [(row, model) for row, model in zip(rows, models) if not row.error and model is not None]
-    batches = _LazyLoader(settings, prep, dist_info) if live else []
+    batches = _batches(settings, prep, dist_info) if live else []
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     tally = feed([model for _, model in live], batches, device=settings.device, precision=settings.precision,
                  memory_format=memory_format, timed=True, catch=True)
