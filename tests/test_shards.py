@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import encode, image_folder, read_split
+from hrnet_cls.atomic import _MODE
 from hrnet_cls.shards import SourceError, main, make_keys, write_split
 
 def test_image_folder_round_trip_is_byte_exact(tmp_path: Path) -> None:
@@ -38,6 +39,9 @@ def test_image_folder_round_trip_is_byte_exact(tmp_path: Path) -> None:
         assert int(members["cls"]) == info["class_names"].index(class_name) and meta["class"] == class_name
         seen[meta["filename"]] = key
     assert sorted(seen) == sorted(files)  # every source image exactly once
+    # shards and _info.json published by hrnet_cls.atomic: open()'s mode, no temp file left
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_info.json", *info["splits"]["train"]["filenames"]]
+    assert {(tmp_path / "out" / n).stat().st_mode & 0o777 for n in os.listdir(tmp_path / "out")} == {_MODE}
 
 
 def test_same_seed_same_bytes_other_seed_other_order(tmp_path: Path) -> None:
