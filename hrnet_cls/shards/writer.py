@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from hrnet_cls.atomic import publish, write_atomic
 from hrnet_cls.data.sources import INFO_NAME, load_info_file
@@ -151,22 +152,17 @@ def _ordered_map(workers: int) -> Iterator[Callable]:
         yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, mininterval=1.0)
-
-
 def write_groups(groups: list[list[Item]], out_dir: Path, split: str, workers: int,
                  progress: bool, with_json: bool = True) -> WriteResult:
-    """Write shards in parallel; each is renamed to its final, contiguous name once complete
-    (a shard whose every file failed to decode is dropped)."""
+    """Write shards in parallel; each is published (fsync'ed, renamed) under its final, contiguous
+    name once complete (a shard whose every file failed to decode is dropped)."""
     tasks = [(group, str(out_dir / f".{split}-{i:06d}.tar.partial"), with_json)
              for i, group in enumerate(groups)]
     result = WriteResult(split, [], [], [])
     log_every = max(1, len(tasks) // 10)  # progress lines when there is no terminal for a bar
     with _ordered_map(workers) as imap:
-        bar = _progress(sum(map(len, groups)), f"{split} shards", progress and sys.stderr.isatty())
+        bar = tqdm(total=sum(map(len, groups)), desc=f"{split} shards", unit="img", mininterval=1.0,
+                   disable=not (progress and sys.stderr.isatty()))
         for done, ((group, tmp, _), (count, bad)) in enumerate(zip(tasks, imap(_write_group, tasks)), 1):
             for path, reason in bad:
                 logger.warning("skipped %s: %s", path, reason)

@@ -85,11 +85,10 @@ def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
 
 def _describe_checkpoint(spec: ModelSpec, use_ema: bool) -> ModelCard:
     ckpt = read_file(spec.path)
-    weights = pick_state_dict(ckpt, use_ema)
     if not is_checkpoint(ckpt):
         raise ValueError("not a training checkpoint (no 'config', no 'model_name'); for other weights use "
                          "--model NAME --weights FILE")
-    return ModelCard.from_checkpoint(ckpt, weights)
+    return ModelCard.from_checkpoint(ckpt, pick_state_dict(ckpt, use_ema))
 
 
 def _describe_model(spec: ModelSpec, use_ema: bool) -> ModelCard:
