@@ -96,14 +96,6 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
 
 
-def pick_precision(requested: str, device: torch.device) -> Precision:
-    """--precision resolved as in training: auto = bf16 on CUDA, fp32 elsewhere."""
-    try:
-        return Precision.of(requested, device)
-    except ValueError as e:
-        raise UsageError(f"--precision: {e}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env_rank = int(os.environ.get("RANK", "0"))
@@ -114,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         check_usage(args)
         shards = expand_urls(args.data)
         device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-        precision = pick_precision(args.precision, device)
-    except (UsageError, FileNotFoundError, RuntimeError) as exc:
+        precision = Precision.of(args.precision, device)  # as in training: auto = bf16 on CUDA, fp32 elsewhere
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # UsageError is a ValueError
         if env_rank == 0:
             print(f"validate.py: error: {exc}", file=sys.stderr)
         return 2

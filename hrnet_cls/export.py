@@ -6,13 +6,12 @@
 OUT_DIR receives:
 
 - ``model.safetensors``: the model's state dict (the EMA weights with --use-ema), nothing else;
-- ``config.json``: timm's format (``timm.models.save_for_hf``: ``architecture``,
-  ``num_classes``, ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``,
-  ``label_names``) with the preprocessing the model was trained and validated with: the
-  checkpoint's ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std
-  (hrnet_cls.model_card.ModelCard.from_checkpoint), and the class names of the training shards'
-  _info.json when it can be read; plus ``export``, where the weights came from (informational;
-  timm ignores it);
+- ``config.json``: timm's format (``timm.models.save_for_hf``: ``architecture``, ``num_classes``,
+  ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``, ``label_names``) with the
+  preprocessing the model was trained and validated with (hrnet_cls.model_card): the checkpoint's
+  ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std, and the class names of the
+  training shards' _info.json when it can be read; plus ``export``, where the weights came from
+  (informational; timm ignores it);
 - with --onnx, ``model.onnx``: the torch.export-based exporter (``dynamo=True``) via timm's
   ``onnx_export``, opset 20 (``OPSET``), input ``input`` (batch, 3, img_size, img_size) float32
   normalised, output ``logits`` (batch, num_classes); the batch is dynamic, the image side is

@@ -1,10 +1,6 @@
-"""The two private timm functions this project needs, each behind one function here.
-
-timm offers no public equivalent for them (checked against timm 1.0.x): reading a model
-folder's config.json the way ``timm.create_model('local-dir:FOLDER')`` does, and the index
-rule of ``forward_intermediates``. Everything else goes through public names
-(``timm.models.save_for_hf``, ``is_model``, ``model_entrypoint``, ...).
-tests/test_timm_private.py fails when timm moves or changes either of them.
+"""The private timm functions this project needs (timm has no public equivalent), each behind one
+function here: a model folder's config.json read as ``timm.create_model('local-dir:FOLDER')`` reads
+it, and forward_intermediates' index rule. tests/test_timm_private.py fails when timm changes them.
 """
 from __future__ import annotations
 

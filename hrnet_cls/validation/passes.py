@@ -88,9 +88,8 @@ def plan_passes(rows: Sequence[Row], max_models_per_pass: int = 0) -> list[list[
 
 def build_model(spec: ModelSpec, use_ema: bool = False) -> nn.Module:
     """The spec's model with its weights, on the CPU, in eval mode."""
-    if spec.source == PRETRAINED:
-        return create_model(spec.card, pretrained=True).eval()
-    return create_model(spec.card, read_state_dict(spec.path, use_ema)).eval()
+    weights = None if spec.source == PRETRAINED else read_state_dict(spec.path, use_ema)
+    return create_model(spec.card, weights, pretrained=spec.source == PRETRAINED).eval()
 
 
 def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, int]) -> list[nn.Module | None]:
