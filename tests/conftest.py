@@ -21,6 +21,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 import hrnet_cls  # noqa: F401  (registers the HRNet-C models with timm)
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
@@ -161,6 +162,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class HostReads(TorchFunctionMode):
+    """Counts reads of tensor values by Python (item, tolist, bool, ...: each waits for the device on a GPU)."""
+
+    READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in self.READS
+        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- synthetic shards for the loader tests

@@ -25,7 +25,7 @@ from PIL import Image
 from conftest import (DIGITS, NUM_CLASSES, epoch_batches, id_png, id_shards, ids_of, jpeg, same_batches, sample,
                       write_shards)
 from hrnet_cls.data import build_train_loader, build_val_loader, expand_urls, read_info, shard_lengths, sources
-from hrnet_cls.data import train_loader, transforms
+from hrnet_cls.data import train_loader
 from hrnet_cls.data.transforms import Normalizer, _decode, eval_crop, train_crop
 from hrnet_cls.evaluation import accuracy_counts, feed, reduce
 from hrnet_cls.precision import Precision
@@ -278,22 +278,3 @@ def test_two_gloo_processes_equal_train_steps_and_exact_validation(tmp_path: Pat
         single += accuracy_counts(toy_logits(images), targets)
     assert ranks[0]["total"] == ranks[1]["total"] == single.tolist()
     assert 0 < single[0] < single[1] < single[2] == 47
-
-
-def test_data_benchmark_runs_and_writes_its_table(tmp_path: Path) -> None:
-    from hrnet_cls.bench.data import main
-
-    out = tmp_path / "bench.json"
-    assert main(["--images", "8", "--size", "64x48", "--batch", "4", "--img-size", "32", "--repeats", "1",
-                 "--out", str(out)]) == 0
-    written = json.loads(out.read_text())
-    results = written["results"]
-    ours_pil = {"train ours-pil"} if transforms.simplejpeg is not None else set()  # simplejpeg switched off
-    assert set(results) == {"train ours", "train timm", "train timm-nojitter", "eval ours", "eval timm"} | ours_pil
-    assert all(row["images"] == 8 for row in results.values())
-    assert results["train ours"]["x_vs_timm"] > 0
-    ceiling = written["ceiling"]  # the decode-only ceiling and the pipeline's fraction of it, per round
-    assert ceiling["decode"]["decode only, full (PIL)"]["median"] > 0
-    assert 0 < ceiling["fraction"]["train ours / decode only, full (PIL)"]["median"] < 1  # decoding is part of it
-    stages = ceiling["stages"]["train ours"]
-    assert stages["ms_per_image"]["decode"] > 0 and stages["pipeline_ms_per_image"] > 0

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import DIGITS, tiny_model
-from hrnet_cls.bench.train import HostReads
+from conftest import DIGITS, HostReads, tiny_model
 from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo

@@ -5,8 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DIGITS_VAL as VAL, tiny_model
-from hrnet_cls.bench.train import HostReads
+from conftest import DIGITS_VAL as VAL, HostReads, tiny_model
 from hrnet_cls.data import build_val_loader
 from hrnet_cls.evaluation import accuracy_counts, evaluate, feed, reduce
 from hrnet_cls.precision import Precision

@@ -373,35 +373,6 @@ def test_a_sweep_decodes_each_sample_once_per_preprocessing_group(random_ckpts, 
     assert len(counted) == 12 and all("360 samples validated + 0 bad = 360; 360 expected" in m for m in counted)
 
 
-def test_validation_benchmark_runs_and_reports_the_ratio(tmp_path) -> None:
-    from hrnet_cls.bench.val import main
-
-    out = tmp_path / "bench.json"
-    assert main(["--data", VAL, "--img-size", "32", "--repeats", "1", "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["results"]["sweep"]["loader_passes"] == 1 and result["results"]["separate"]["loader_passes"] == 4
-    assert result["results"]["separate"]["samples_decoded"] == 4 * VAL_SAMPLES
-    assert result["separate_over_sweep"] > 0
-
-
-def test_validate_benchmark_compares_with_timms_path_at_two_sizes(tmp_path) -> None:
-    from hrnet_cls.bench.validate import main
-
-    out = tmp_path / "bench.json"
-    assert main(["--model", "hrnet_w18_small_c", "--timm-model", "hrnet_w18_small", "--images", "8",
-                 "--start-images", "4", "--img-size", "64", "--batch-size", "4", "--threads", "1", "--repeats", "1",
-                 "--out", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["images"] == {"full": 8, "start": 4}
-    for size, n in result["images"].items():  # both sides saw every sample of each shard set
-        assert result["counts"][size]["ours"][2] == result["counts"][size]["timm"][2] == n
-    assert result["ratio"] > 0  # the steady ratio needs more images than this to rise above the noise
-    assert result["steady_ratio"] is None or result["steady_ratio"] > 0
-    assert set(result["model_alone_images_per_s"]) == {"ours", "timm"}
-    with pytest.raises(SystemExit, match="--start-images 8 must be between 0 and --images 8"):
-        main(["--images", "8", "--start-images", "8"])
-
-
 # ---------------------------------------------------------------- two processes
 
 WRAPPER = """
