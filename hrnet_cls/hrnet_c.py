@@ -107,7 +107,6 @@ class HighResolutionNetC(nn.Module):
         # cuDNN with autocast run HRNet's many narrow convolutions markedly faster that way.
         self.channels_last = channels_last
         self.grad_checkpointing = False
-        block = BLOCKS[cfg.block]
         depth = cfg.stage1_units + sum(cfg.num_modules) * cfg.num_units
         dpr = [drop_path_rate * d / max(depth - 1, 1) for d in range(depth)]  # linear in depth
 
@@ -119,19 +118,7 @@ class HighResolutionNetC(nn.Module):
         self.bn2 = nn.BatchNorm2d(cfg.stem_width, momentum=BN_MOMENTUM)
         self.act2 = nn.ReLU(inplace=True)
         self.layer1 = CheckpointSeq(*units(Bottleneck, cfg.stem_width, cfg.stage1_width, cfg.stage1_units, dpr))
-        d = cfg.stage1_units
-
-        chs = [cfg.stage1_width * Bottleneck.expansion]
-        for s, n_modules in enumerate(cfg.num_modules):
-            widths = list(cfg.widths[:s + 2])
-            new_chs = [w * block.expansion for w in widths]
-            setattr(self, f'transition{s + 1}', Transition(chs, new_chs))
-            modules = []
-            for _ in range(n_modules):
-                modules.append(HRModule(block, new_chs, widths, cfg.num_units, dpr[d:d + cfg.num_units]))
-                d += cfg.num_units
-            setattr(self, f'stage{s + 2}', HRStage(*modules))
-            chs = new_chs
+        chs = self._add_stages(cfg, BLOCKS[cfg.block], dpr[cfg.stage1_units:])
         self.streams = nn.ModuleList([nn.Identity() for _ in chs])  # taps naming the raw streams (no state)
 
         # head: incre bottleneck per stream, then cascade down to 1/32 and a 1x1 conv
@@ -148,6 +135,22 @@ class HighResolutionNetC(nn.Module):
         self._init_weights()
         if channels_last:
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; state-dict values unchanged
+
+    def _add_stages(self, cfg: HRNetCfg, block: type, dpr: List[float]) -> List[int]:
+        """transition1..3 and stage2..4 (``dpr``: their units' drop-path rates in order); returns
+        the four streams' output widths."""
+        chs, d = [cfg.stage1_width * Bottleneck.expansion], 0
+        for s, n_modules in enumerate(cfg.num_modules):
+            widths = list(cfg.widths[:s + 2])
+            new_chs = [w * block.expansion for w in widths]
+            setattr(self, f'transition{s + 1}', Transition(chs, new_chs))
+            modules = []
+            for _ in range(n_modules):
+                modules.append(HRModule(block, new_chs, widths, cfg.num_units, dpr[d:d + cfg.num_units]))
+                d += cfg.num_units
+            setattr(self, f'stage{s + 2}', HRStage(*modules))
+            chs = new_chs
+        return chs
 
     def _init_weights(self) -> None:
         for m in self.modules():
