@@ -31,7 +31,6 @@ import numpy as np
 import timm
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
 from hrnet_cls.config import Config
@@ -41,12 +40,12 @@ from hrnet_cls.engine import TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import StopRequest
 from hrnet_cls.run_dir import RunDir
+from hrnet_cls.timing import HostReads
 from hrnet_cls.tracking import Tracker
 
 from benchmarks import harness
 
 DIGITS = str(harness.REPO / "shards" / "digits" / "train-{000000..000007}.tar")
-HOST_READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
 LOG_LINE = re.compile(r"epoch (\d+)/\d+\s+batch \d+/\d+\s+step (\d+).*?\s(\d+) img/s")
 PARTS = ("overhead", "train_py")
 SMOKE = dict(batch=16, steps=4, workers=1, train_steps=16, shards=DIGITS.replace("000007", "000000"))  # 180 images
@@ -66,18 +65,6 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--train-steps", type=int, default=66, help="train_py: about this many optimizer steps")
     p.add_argument("--time-limit", type=float, default=600.0, help="train_py: seconds before it is killed")
     return p
-
-
-class HostReads(TorchFunctionMode):
-    """Counts reads of tensor values by Python (each one waits for the device on a GPU)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.count += getattr(func, "__name__", "") in HOST_READS
-        return func(*args, **(kwargs or {}))
 
 
 class Batches(list):

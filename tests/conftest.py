@@ -21,7 +21,6 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from torch.overrides import TorchFunctionMode
 
 import hrnet_cls  # noqa: F401  (registers the HRNet-C models with timm)
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
@@ -38,6 +37,33 @@ TINY_RECIPE = [
     "data.val_batch_size=128", "train.log_interval=1", "optim.lr=0.05",
 ]
 TINY_STEPS_PER_EPOCH = 11
+
+
+# 2 epochs of 11 steps, drop path + EMA: RNG and EMA state matter to a resume being exact
+RESUME_RECIPE = [*TINY_RECIPE, "schedule.epochs=2", "schedule.decay_epochs=[1]", "model.drop_path_rate=0.1",
+                 "train.ema=true", "train.ema_decay=0.9"]
+
+
+@pytest.fixture(scope="session")
+def whole_run(tmp_path_factory) -> Path:
+    """The folder of an uninterrupted RESUME_RECIPE run, which every interrupted one must end
+    equal to (save and log intervals do not change the weights). Trained once per session."""
+    tmp = tmp_path_factory.mktemp("whole")
+    proc = run_train(tmp, *RESUME_RECIPE, f"checkpoint.output_dir={tmp / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="session")
+def three_epoch_run(tmp_path_factory) -> Path:
+    """TINY_RECIPE for 3 epochs, lr /10 at epochs 1 and 2, every epoch file kept, W&B offline
+    (name short-run): the run folder is ``ROOT/run``, W&B's files ``ROOT/wandb``; returns ROOT.
+    Trained once per session: tests copy the folder before changing anything in it."""
+    tmp = tmp_path_factory.mktemp("three")
+    proc = run_train(tmp, *TINY_RECIPE, f"checkpoint.output_dir={tmp / 'run'}", "schedule.epochs=3",
+                     "schedule.decay_epochs=[1,2]", "wandb.name=short-run", "checkpoint.keep=3", wandb="offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp
 
 
 def train_command(*overrides: str, nproc: int = 0) -> list[str]:
@@ -162,20 +188,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-class HostReads(TorchFunctionMode):
-    """Counts reads of tensor values by Python (item, tolist, bool, ...: each waits for the device on a GPU)."""
-
-    READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"})
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += getattr(func, "__name__", "") in self.READS
-        return func(*args, **(kwargs or {}))
 
 
 # ---------------------------------------------------------------- synthetic shards for the loader tests

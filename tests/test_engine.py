@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import DIGITS, HostReads, tiny_model
+from conftest import DIGITS, tiny_model
 from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
@@ -11,6 +11,7 @@ from hrnet_cls.engine import build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import StopRequest
 from hrnet_cls.run_dir import RunDir
+from hrnet_cls.timing import HostReads
 from hrnet_cls.tracking import Tracker
 
 TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images

@@ -5,10 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DIGITS_VAL as VAL, HostReads, tiny_model
+from conftest import DIGITS_VAL as VAL, tiny_model
 from hrnet_cls.data import build_val_loader
 from hrnet_cls.evaluation import accuracy_counts, evaluate, feed, reduce
 from hrnet_cls.precision import Precision
+from hrnet_cls.timing import HostReads
 
 FP32 = Precision.of("fp32", "cpu")
 CPU = torch.device("cpu")
