@@ -236,7 +236,8 @@ def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRe
         return 3, f"train.py: error: {e}"
     except Preempted as e:
         stop.ignore()  # stopped and saved: a signal now (torchrun's, as ranks exit) must not cut the clean-up
-        return PREEMPTED_EXIT, f"train.py: preempted at {e}: checkpoint saved in {run.path}; rerun the same command to continue"
+        return PREEMPTED_EXIT, (f"train.py: preempted at {e}: checkpoint saved in {run.path}; rerun the same "
+                                "command to continue")
     except LabelError as e:
         return 1, f"train.py: error: {e.reason}"
     except OSError as e:  # a full disk, a read-only or vanished file system while saving

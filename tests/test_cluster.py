@@ -19,16 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script, run_train,
-                      subprocess_env, train_command)
+from conftest import (REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script,
+                      run_train, subprocess_env, train_command)
 from hrnet_cls.atomic import verify
 from hrnet_cls.preemption import PREEMPTED_EXIT
 from hrnet_cls.run_dir import PREEMPTED as PREEMPTED_MARKER
 
 train_script = load_script("train.py")
-# 2 epochs of 11 steps, a mid-epoch checkpoint every 4 steps, drop path + EMA: RNG and EMA state matter
-RECIPE = [*TINY_RECIPE, "schedule.epochs=2", "schedule.decay_epochs=[1]", "model.drop_path_rate=0.1",
-          "train.ema=true", "train.ema_decay=0.9"]
+RECIPE = RESUME_RECIPE
 
 
 def load(path: Path) -> dict:
@@ -62,13 +60,10 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
 
 
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory) -> dict:
-    """The uninterrupted run every interrupted one must end equal to."""
-    tmp = tmp_path_factory.mktemp("whole")
-    proc = run_train(tmp, *RECIPE, f"checkpoint.output_dir={tmp / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return load(tmp / "run" / "last.pth")
+@pytest.fixture
+def whole(whole_run) -> dict:
+    """The last state of the uninterrupted run every interrupted one must end equal to."""
+    return load(whole_run / "last.pth")
 
 
 # ---------------------------------------------------------------- preemption
@@ -197,12 +192,9 @@ def test_a_finished_run_is_reported_not_retrained_and_never_overwritten(tmp_path
 # ---------------------------------------------------------------- checkpoints that fail independently
 
 
-@pytest.fixture(scope="module")
-def three_epochs(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("three")
-    proc = run_train(tmp, *TINY_RECIPE, "schedule.epochs=3", "checkpoint.keep=3", f"checkpoint.output_dir={tmp / 'run'}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+@pytest.fixture
+def three_epochs(three_epoch_run) -> Path:
+    return three_epoch_run / "run"
 
 
 def flip_a_byte(path: Path) -> None:

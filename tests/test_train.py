@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, TINY_RECIPE, TINY_STEPS_PER_EPOCH, digits_subset,
-                      load_script, read_offline_run, run_train, subprocess_env)
+from conftest import (DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH,
+                      digits_subset, load_script, read_offline_run, run_train, subprocess_env)
 from hrnet_cls.config import load_config
 
 train_script = load_script("train.py")
@@ -102,24 +102,13 @@ def test_a_config_error_from_the_command_line_exits_fast_with_one_line(tmp_path)
 # ---------------------------------------------------------------- one short run, looked at several ways
 
 
-@pytest.fixture(scope="module")
-def short_run(tmp_path_factory) -> Path:
-    """3 epochs with lr x0.1 at epochs 1 and 2, logging every step, W&B offline."""
-    tmp = tmp_path_factory.mktemp("short")
-    out = tmp / "run"
-    proc = train(tmp, *TINY, f"checkpoint.output_dir={out}", "schedule.epochs=3", "schedule.decay_epochs=[1,2]",
-                 "wandb.name=short-run", "checkpoint.keep=3", wandb="offline")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp
-
-
 @pytest.mark.slow
-def test_step_schedule_changes_lr_exactly_at_the_decay_epochs(short_run) -> None:
-    rows = summary(short_run / "run")
+def test_step_schedule_changes_lr_exactly_at_the_decay_epochs(three_epoch_run) -> None:
+    rows = summary(three_epoch_run / "run")
     assert [(r["epoch"], float(r["lr"]), int(r["step"])) for r in rows] == [
         ("0", 0.05, 11), ("1", 0.005, 22), ("2", 0.0005, 33)]
     # per step, through the real loop: the step logged as s ran optimizer step s - 1
-    history = read_offline_run(short_run)["history"]
+    history = read_offline_run(three_epoch_run)["history"]
     lrs = {h["train/step"]: h["train/lr"] for h in history if "train/lr" in h}
     assert sorted(lrs) == list(range(1, 34))
     for s, lr in lrs.items():
@@ -128,13 +117,13 @@ def test_step_schedule_changes_lr_exactly_at_the_decay_epochs(short_run) -> None
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_holds_the_metrics_config_and_name(short_run) -> None:
-    run = read_offline_run(short_run)
+def test_wandb_offline_run_holds_the_metrics_config_and_name(three_epoch_run) -> None:
+    run = read_offline_run(three_epoch_run)
     assert run["name"] == "short-run" and run["tags"] == ["demo"]
     assert run["config"]["schedule"]["decay_epochs"] == [1, 2] and run["config"]["model"]["name"] == "hrnet_tiny_c"
     epochs = [h for h in run["history"] if "epoch/val_top1" in h]
     assert [h["epoch"] for h in epochs] == [0, 1, 2]
-    rows = summary(short_run / "run")
+    rows = summary(three_epoch_run / "run")
     for h, row in zip(epochs, rows):
         assert h["epoch/val_top1"] == pytest.approx(float(row["val_top1"]), rel=1e-5)
         assert 0 <= h["epoch/val_top5"] <= 100 and h["epoch/val_top5"] >= h["epoch/val_top1"]
@@ -146,13 +135,13 @@ def test_wandb_offline_run_holds_the_metrics_config_and_name(short_run) -> None:
 
 
 @pytest.mark.slow
-def test_fine_tune_into_new_num_classes(short_run, tmp_path) -> None:
-    source = load(short_run / "run" / "best.pth")["model"]
+def test_fine_tune_into_new_num_classes(three_epoch_run, tmp_path) -> None:
+    source = load(three_epoch_run / "run" / "best.pth")["model"]
     five = digits_subset(tmp_path / "five", 5)  # digits 0-4: a 5-class dataset
     out = tmp_path / "ft"
     # lr 1e-12 and no decay: one epoch moves no weight by more than ~1e-10
     proc = train(tmp_path, *TINY, f"data.train_shards={five['train']}", f"data.val_shards={five['val']}",
-                 f"checkpoint.output_dir={out}", f"model.init_from={short_run / 'run' / 'best.pth'}",
+                 f"checkpoint.output_dir={out}", f"model.init_from={three_epoch_run / 'run' / 'best.pth'}",
                  "model.num_classes=5", "schedule.epochs=1", "optim.lr=1e-12", "optim.weight_decay=0")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "classifier re-initialised" in proc.stderr
@@ -168,9 +157,9 @@ def test_fine_tune_into_new_num_classes(short_run, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(short_run, tmp_path) -> None:
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(three_epoch_run, tmp_path) -> None:
     out = tmp_path / "run"
-    shutil.copytree(short_run / "run", out)
+    shutil.copytree(three_epoch_run / "run", out)
     before = (out / "last.pth").read_bytes()
     # resumes at epoch 3 (step 33); a mid-epoch save is due at step 36, the first check point
     proc = train(tmp_path, *TINY, f"checkpoint.output_dir={out}", "checkpoint.resume=auto", "schedule.epochs=5",
@@ -187,13 +176,8 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(short_run, tmp_
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path) -> None:
-    common = [*TINY, "schedule.epochs=2", "schedule.decay_epochs=[1]", "model.drop_path_rate=0.1",
-              "train.ema=true", "train.ema_decay=0.9", "checkpoint.save_interval=3", "train.log_interval=5"]
-    whole = tmp_path / "whole"
-    proc = train(tmp_path, *common, f"checkpoint.output_dir={whole}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> None:
+    common = [*RESUME_RECIPE, "checkpoint.save_interval=3", "train.log_interval=5"]
     killed = tmp_path / "killed"
     cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
     victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL,
@@ -211,7 +195,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"batch {state['batch_in_epoch']}, step {state['step']}" in proc.stderr
 
-    a, b = load(whole / "last.pth"), load(killed / "last.pth")
+    a, b = load(whole_run / "last.pth"), load(killed / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 2 * STEPS_PER_EPOCH)
     for part in ("model", "model_ema"):
         assert a[part].keys() == b[part].keys()
@@ -220,7 +204,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path) -> None:
     momentum = [(s["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
                 for i, s in a["optimizer"]["state"].items()]
     assert momentum and all(torch.equal(x, y) for x, y in momentum)
-    assert [r["val_top1"] for r in summary(whole)] == [r["val_top1"] for r in summary(killed)]
+    assert [r["val_top1"] for r in summary(whole_run)] == [r["val_top1"] for r in summary(killed)]
 
 
 # ---------------------------------------------------------------- torchrun
