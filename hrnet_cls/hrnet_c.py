@@ -14,7 +14,7 @@ multiple of 32, and a cheaper fuse (nearest upsampling is folded into the sum in
 materialising the upsampled tensor). Like timm's it traces with torch.fx and takes ``feature_location``.
 """
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -350,6 +350,7 @@ default_cfgs = generate_default_cfgs({
     'hrnet_tiny_c': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
 })
 
+
 def _register(fn):
     """register_model, refusing to replace a model timm itself (or anyone else) registered."""
     existing = model_entrypoint(fn.__name__) if is_model(fn.__name__) else None
@@ -358,66 +359,13 @@ def _register(fn):
     return register_model(fn)
 
 
-@_register
-def hrnet_w18_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w18_c', pretrained, **kwargs)
+def _entrypoint(variant: str) -> Callable[..., HighResolutionNetC]:
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
+        return _create(variant, pretrained, **kwargs)
+    entrypoint.__name__ = entrypoint.__qualname__ = variant  # the name timm registers it under
+    return entrypoint
 
 
-@_register
-def hrnet_w30_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w30_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w32_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w32_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w40_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w40_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w48_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w48_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w64_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w64_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w44_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w44_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w76_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w76_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w96_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w96_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w44_c_basic(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w44_c_basic', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w18_small_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w18_small_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_w18_small_v2_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_w18_small_v2_c', pretrained, **kwargs)
-
-
-@_register
-def hrnet_tiny_c(pretrained: bool = False, **kwargs: Any) -> HighResolutionNetC:
-    return _create('hrnet_tiny_c', pretrained, **kwargs)
+# One entry point per VARIANTS row, a module attribute (hrnet_c.hrnet_w18_c) as in timm's model files.
+for _variant in VARIANTS:
+    globals()[_variant] = _register(_entrypoint(_variant))
