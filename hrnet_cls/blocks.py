@@ -96,11 +96,8 @@ BLOCKS = {'basic': BasicBlock, 'bottleneck': Bottleneck}
 
 def units(block: type, in_chs: int, width: int, n: int, drop_path: List[float]) -> nn.Sequential:
     """n residual units; the first one projects in_chs to width * expansion."""
-    units = []
-    for i in range(n):
-        units.append(block(in_chs, width, drop_path[i]))
-        in_chs = width * block.expansion
-    return nn.Sequential(*units)
+    chs = [in_chs] + [width * block.expansion] * (n - 1)
+    return nn.Sequential(*[block(c, width, drop_path[i]) for i, c in enumerate(chs)])
 
 
 @register_notrace_function  # an FX leaf (it branches on shapes) for timm's tracer and feature extraction...

@@ -7,7 +7,7 @@ and restore ``num_batches_tracked`` afterwards, so a checkpointed model ends a s
 gradients *and* buffers identical to the unchecked one.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Any, Iterator, List
+from typing import Any, Iterator
 
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
@@ -15,13 +15,9 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ['checkpoint_module']
 
 
-def _norms(module: nn.Module) -> List[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
 @contextmanager
 def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
-    norms = _norms(module)
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
              for m in norms]
     for m in norms:

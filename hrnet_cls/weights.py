@@ -62,14 +62,11 @@ def is_state_dict(value: Any) -> bool:
 
 def pick_state_dict(obj: Any, use_ema: bool = False) -> StateDict:
     """The weights inside a file's object, without wrapper prefixes; see the module doc."""
-    if use_ema:
-        for key in _EMA_KEYS:
-            if isinstance(obj, Mapping) and is_state_dict(obj.get(key)):
-                return clean_state_dict(obj[key])
-        raise ValueError("no EMA weights in this file (no state dict under 'model_ema' or 'state_dict_ema')")
-    for key in _PLAIN_KEYS:
+    for key in _EMA_KEYS if use_ema else _PLAIN_KEYS:
         if isinstance(obj, Mapping) and is_state_dict(obj.get(key)):
             return clean_state_dict(obj[key])
+    if use_ema:
+        raise ValueError("no EMA weights in this file (no state dict under 'model_ema' or 'state_dict_ema')")
     if is_state_dict(obj):
         return clean_state_dict(obj)
     top = list(obj)[:6] if isinstance(obj, Mapping) else type(obj).__name__
