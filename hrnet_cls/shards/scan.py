@@ -204,10 +204,6 @@ def scan_image_folder(src: Path, report: ScanReport | None = None) -> dict[str, 
     return found
 
 
-def _is_header(fields: list[str]) -> bool:
-    return fields[0].lower() in _HEADER_WORDS[0] and fields[1].lower() in _HEADER_WORDS[1]
-
-
 def read_labels(path: Path) -> list[tuple[str, str, int]]:
     """(filename, class token, line number) per line of a labels file.
 
@@ -228,7 +224,7 @@ def read_labels(path: Path) -> list[tuple[str, str, int]]:
                 if len(fields) != 2 or not all(fields):
                     raise SourceError(
                         f"{path}:{lineno}: expected 'FILENAME CLASS' or 'FILENAME,CLASS', got {text!r}")
-                if not rows and _is_header(fields):
+                if not rows and all(f.lower() in words for f, words in zip(fields, _HEADER_WORDS)):  # a header
                     continue
                 rows.append((fields[0], fields[1], lineno))
     except UnicodeDecodeError as exc:
