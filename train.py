@@ -34,6 +34,7 @@ import torch
 from timm.utils import random_seed
 from torch import nn
 
+from hrnet_cls.atomic import verify
 from hrnet_cls.checkpoint import build_state, capture_rng, load_checkpoint
 from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
@@ -80,11 +81,15 @@ def preflight(cfg: Config) -> Precision:
         if path not in ("", "auto") and not Path(path).is_file():
             raise ConfigError(f"{key}: no checkpoint file {path!r}")
     if cfg.model.init_from:
-        try:  # memory-mapped: the pickle and the zip index are read, which finds a truncated file
-            read_state_dict(cfg.model.init_from)
+        path = cfg.model.init_from
+        try:  # the checksum when it has one; memory-mapped, the pickle and zip index find a truncated file
+            verified = verify(path)
+            read_state_dict(path)
         except Exception as e:  # noqa: BLE001 - any unreadable file is this key's error
-            raise ConfigError(f"model.init_from {cfg.model.init_from}: cannot read weights: "
-                              f"{one_line(e).removeprefix(f'{cfg.model.init_from}: ')}") from None
+            raise ConfigError(f"model.init_from {path}: cannot start from it: "
+                              f"{one_line(e).removeprefix(f'{path}: ')}") from None
+        if not verified:
+            logger.warning("model.init_from %s has no .sha256 beside it: its bytes are UNVERIFIED", path)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.train.sync_bn and device_type != "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("train.sync_bn=true needs CUDA: DDP runs SyncBatchNorm on GPUs only")
@@ -265,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         precision = preflight(cfg)
-    except ConfigError as e:
-        sys.exit(f"train.py: error: {e}")  # one line, and no output_dir yet
+    except ConfigError as e:  # one line, exit 2, and no output_dir yet
+        print(f"train.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
     info = init_distributed(cfg.train.dist_timeout_s)
     if info.device.type == "cpu":
         torch.use_deterministic_algorithms(True)  # bit-exact resume: kernels independent of history

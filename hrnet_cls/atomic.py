@@ -12,7 +12,8 @@ file another library wrote by name (tar shards, an export's staging folder).
 Checksums: ``write_atomic(..., checksum=True)`` hashes the bytes as they are written (no
 second read) and leaves ``NAME.sha256`` beside the file in ``sha256sum`` format, so
 ``sha256sum -c last.pth.sha256`` checks it by hand. torch.load does not check its zip
-records' CRCs (a flipped byte in a tensor loads silently), so resume verifies the digest.
+records' CRCs (a flipped byte in a tensor loads silently), so every reader of our checkpoints
+(resume, model.init_from, validate.py, the export) calls ``verify`` first.
 """
 from __future__ import annotations
 
@@ -150,13 +151,24 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> bool | None:
-    """Whether path's bytes match its .sha256 file; None when it has none."""
+class ChecksumError(ValueError):
+    """A file whose bytes differ from the digest in its .sha256: corrupt, or cut during a save."""
+
+
+def verify(path: str | os.PathLike) -> bool:
+    """The one check of every reader of our files: True when path's bytes match its .sha256,
+    False when it has none (unverifiable: the caller says so). Raises ChecksumError naming
+    the file and both digests when they differ."""
+    path = Path(path)
     try:
-        recorded = sidecar(path).read_text().split()[0]
-    except (OSError, IndexError):
-        return None
-    return file_sha256(path) == recorded
+        recorded = sidecar(path).read_text().split()
+    except FileNotFoundError:
+        return False
+    actual = file_sha256(path)
+    if not recorded or recorded[0] != actual:
+        raise ChecksumError(f"{path}: contents do not match {sidecar(path).name} (sha256 {actual[:16]}..., "
+                            f"recorded {recorded[0][:16] if recorded else 'nothing'}...): corrupt or half-written")
+    return True
 
 
 def _alive(pid: int) -> bool:

@@ -42,7 +42,6 @@ from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile 
 from torch import nn
 
 from hrnet_cls.atomic import verify, write_atomic
-from hrnet_cls.errors import one_line
 from hrnet_cls.weights import read_file
 
 logger = logging.getLogger(__name__)
@@ -189,13 +188,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint(path: Path) -> str:
-    """'' when path's contents verify (checksum; a full load for files without one), else why not."""
-    ok = verify(path)
-    if ok is False:
-        return "contents do not match its .sha256 (corrupt or half-written)"
-    try:
-        load_checkpoint(path, mmap=ok is True)  # verified bytes: the pickle is all that is left to read
-    except Exception as e:  # noqa: BLE001 - truncated zip, garbage, a foreign dict: all mean "not this one"
-        return one_line(e)
-    return ""
+def check_checkpoint(path: Path) -> bool:
+    """True: path verified against its .sha256 (and its pickle reads); False: it has no .sha256
+    and loaded in full (every tensor read). Raises ChecksumError, or the reading error, otherwise."""
+    verified = verify(path)
+    load_checkpoint(path, mmap=verified)  # verified bytes: the pickle is all that is left to read
+    return verified

@@ -56,10 +56,12 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from hrnet_cls.atomic import publish
+from hrnet_cls.atomic import ChecksumError, publish, verify
 from hrnet_cls.errors import one_line
 from hrnet_cls.model_card import ModelCard, create_model, is_checkpoint
 from hrnet_cls.weights import is_state_dict, pick_state_dict, read_file
+
+logger = logging.getLogger(__name__)
 
 
 PROG = "python -m hrnet_cls.export"
@@ -91,6 +93,12 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     if not os.path.isfile(path):
         raise ExportError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
     try:
+        verified = verify(path)
+    except ChecksumError as exc:
+        raise ExportError(one_line(exc)) from None
+    if not verified:
+        logger.warning("%s has no .sha256 beside it: its bytes are UNVERIFIED", path)
+    try:
         obj = read_file(path)
     except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, a pickle that is not data
         raise ExportError(f"{path}: cannot read it ({one_line(exc)})") from None
@@ -106,7 +114,8 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
         raise ExportError(f"{path}: {one_line(exc, whole=True).removeprefix(f'{path}: ')}") from None
     if checkpoint and model and model != card.model:
         raise ExportError(f"{path}: a checkpoint of {card.model!r}, not of --model {model!r}; leave --model out")
-    info = {"source": os.path.basename(path), "weights": "ema" if use_ema else "model", "model_name": card.model}
+    info = {"source": os.path.basename(path), "verified": verified, "weights": "ema" if use_ema else "model",
+            "model_name": card.model}
     if checkpoint:
         info.update({k: obj.get(k) for k in ("epoch", "step", "git_commit", "metrics")}, precision=card.precision)
     return Source(card, weights, checkpoint, info)

@@ -60,6 +60,11 @@ class Start:
     finished: bool = False  # the checkpoint already ended the run's last epoch
 
 
+def _problem(path: Path, exc: BaseException) -> str:
+    """exc in one line, without the file name the caller puts in front already."""
+    return one_line(exc).removeprefix(f"{path}: ")
+
+
 class RunDir:
     """One run folder. Cheap to construct (no file-system access); :meth:`start` opens it."""
 
@@ -150,6 +155,11 @@ class RunDir:
                                   "there would overwrite it: use another checkpoint.output_dir")
             if not path.is_file():
                 raise RunDirError(f"checkpoint.resume: no checkpoint file {resume!r}")
+            try:
+                if not check_checkpoint(path):
+                    logger.warning("checkpoint.resume %s has no .sha256: it loads in full, but is UNVERIFIED", path)
+            except Exception as exc:  # noqa: BLE001 - a checksum mismatch, a truncated zip, not a checkpoint
+                raise RunDirError(f"checkpoint.resume {path}: {_problem(path, exc)}") from None
         else:
             return Start()
         if path is None:
@@ -158,24 +168,33 @@ class RunDir:
         return Start(path, position, finished=position.epoch >= epochs and position.batch_in_epoch == 0)
 
     def _newest_verified(self) -> Path | None:
-        """The newest (by stored step) checkpoint whose contents verify; None when there is
-        none at all. Refuses when there are some and none verifies: starting from scratch
-        would overwrite a run."""
-        tried, found = [], []
+        """The newest (by stored step) checkpoint that verifies against its .sha256; failing
+        that, the newest without a .sha256 that loads in full (named as unverified). None when
+        there is no checkpoint at all. Refuses when there are some and none can be used:
+        starting from scratch would overwrite a run."""
+        tried, found, unverified = [], [], []
         for order, path in enumerate(self.checkpoints()):
             try:
                 step = int(load_checkpoint(path, mmap=True)["step"])  # the pickle only: cheap
             except Exception as exc:  # noqa: BLE001 - any unreadable file is "not this one"
-                tried.append(f"{path.name}: {one_line(exc)}")
+                tried.append(f"{path.name}: {_problem(path, exc)}")
                 continue
             found.append((step, -order, path))  # ties prefer last.pth
         for step, _, path in sorted(found, reverse=True):
-            problem = check_checkpoint(path)
-            if not problem:
-                if tried:
-                    logger.warning("resuming from %s (step %d); skipped: %s", path, step, "; ".join(tried))
-                return path
-            tried.append(f"{path.name}: {problem}")
+            try:
+                if check_checkpoint(path):
+                    if tried or unverified:
+                        logger.warning("resuming from %s (step %d); passed over: %s", path, step,
+                                       "; ".join(tried + [f"{p.name}: no .sha256" for p in unverified]))
+                    return path
+                unverified.append(path)  # loads in full, but nothing says these are the bytes saved
+            except Exception as exc:  # noqa: BLE001 - a checksum mismatch, a truncated zip: not this one
+                tried.append(f"{path.name}: {_problem(path, exc)}")
+        if unverified:
+            logger.warning("resuming from %s, which is UNVERIFIED: it has no .sha256 (it loads in full) and no "
+                           "checkpoint that has one verifies%s", unverified[0],
+                           f" ({'; '.join(tried)})" if tried else "")
+            return unverified[0]
         if tried:
             raise RunDirError(f"checkpoint.resume=auto: no checkpoint in {self.path} can be resumed from "
                               f"({'; '.join(tried)}); fix or move them, or start a new run in another "

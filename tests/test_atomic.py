@@ -6,7 +6,7 @@ import stat
 
 import pytest
 
-from hrnet_cls.atomic import _MODE, file_sha256, publish, sidecar, verify, write_atomic
+from hrnet_cls.atomic import _MODE, ChecksumError, file_sha256, publish, sidecar, verify, write_atomic
 
 
 def test_write_atomic_takes_bytes_text_or_a_writer(tmp_path) -> None:
@@ -17,9 +17,13 @@ def test_write_atomic_takes_bytes_text_or_a_writer(tmp_path) -> None:
     assert path.read_bytes() == b"\x00\x01"
     write_atomic(path, lambda f: f.write(b"streamed"))
     assert path.read_bytes() == b"streamed"
-    assert verify(path) is False  # the old sidecar no longer matches: written only with checksum=True
+    with pytest.raises(ChecksumError, match=r"a.txt: contents do not match a.txt.sha256 \(sha256 [0-9a-f]{16}\.\.\., "
+                       r"recorded [0-9a-f]{16}\.\.\.\)"):  # the old sidecar: written only with checksum=True
+        verify(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "a.txt.sha256"]  # no temp left
     assert stat.S_IMODE(path.stat().st_mode) == _MODE
+    sidecar(path).unlink()
+    assert verify(path) is False  # no sidecar: unverifiable, not wrong
 
 
 def test_a_failing_writer_leaves_the_old_file_and_no_temp(tmp_path) -> None:

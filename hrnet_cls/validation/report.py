@@ -13,7 +13,7 @@ from hrnet_cls.atomic import write_atomic
 from hrnet_cls.hrnet_c import PAPER_TOP1
 from hrnet_cls.validation.specs import Row
 
-RESULT_COLUMNS = ("model", "checkpoint", "img_size", "crop_pct", "top1", "top5", "samples", "skipped",
+RESULT_COLUMNS = ("model", "checkpoint", "verified", "img_size", "crop_pct", "top1", "top5", "samples", "skipped",
                   "expected_samples", "params", "gmacs", "images_per_s", "paper_top1", "top1_minus_paper", "error")
 
 
@@ -21,7 +21,8 @@ def row_record(row: Row) -> dict[str, Any]:
     """The results file's row: RESULT_COLUMNS in order."""
     paper = PAPER_TOP1.get(row.spec.model.split(".")[0])
     gap = None if paper is None or row.top1 is None else row.top1 - paper
-    values = dict(model=row.spec.model, checkpoint=row.spec.label, paper_top1=paper, top1_minus_paper=gap,
+    values = dict(model=row.spec.model, checkpoint=row.spec.label, verified=row.spec.verified, paper_top1=paper,
+                  top1_minus_paper=gap,
                   **{f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "spec"})
     return {column: values[column] for column in RESULT_COLUMNS}
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import timm
 
+from hrnet_cls.atomic import verify
 from hrnet_cls.distributed import all_gather_object
 from hrnet_cls.errors import one_line
 from hrnet_cls.model_card import ModelCard, is_checkpoint, is_local_dir
@@ -33,6 +34,7 @@ class ModelSpec:
     model: str = ""  # timm name; a checkpoint's is read from the file by describe()
     card: ModelCard | None = None  # None until described
     error: str = ""  # why this spec cannot be validated ("" = fine so far)
+    verified: bool | None = None  # the file matched its .sha256 (False: it has none); None: no file
 
     @property
     def label(self) -> str:
@@ -107,9 +109,10 @@ def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None 
     if spec.error:
         return spec
     try:
+        verified = verify(spec.path) if spec.path else None  # a mismatch is this row's error
         card = (_describe_checkpoint if spec.source == CHECKPOINT else _describe_model)(spec, use_ema)
         card = dataclasses.replace(card, num_classes=num_classes or card.num_classes)
-        return dataclasses.replace(spec, model=card.model, card=card)
+        return dataclasses.replace(spec, model=card.model, card=card, verified=verified)
     except Exception as exc:  # noqa: BLE001 - any unreadable input is this row's error, not the sweep's
         return spec.failed(one_line(exc))
 
