@@ -1,6 +1,7 @@
 """engine: the training loop reads the device only at log points."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import DIGITS, tiny_model
@@ -18,6 +19,7 @@ TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images
 NO_TRACKER = Tracker(Config(), RunDir("unused", is_main=False))  # a non-main rank's tracker: writes nothing
 
 
+@pytest.mark.slow
 def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
     loader = build_train_loader(TRAIN, batch_size=32, img_size=32, seed=0, epoch=0, workers=1)
     steps = loader.batches_per_epoch

@@ -157,6 +157,7 @@ def assert_trains_on_without_wandb(tracker: Tracker, tmp_path: Path) -> None:
     assert wandb_services() == []  # the Tracker stopped the service it had started
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("situation", ["no key", "malformed key", "refused", "silent", "silent, wandb verbose",
                                        "not W&B"])
 def test_online_degrades_to_no_wandb_quickly(tmp_path, wandb_env, monkeypatch, caplog, situation) -> None:
@@ -227,6 +228,7 @@ class StallingWandbServer(http.server.ThreadingHTTPServer):
         self.server_close()
 
 
+@pytest.mark.slow
 def test_init_failure_is_bounded_and_warned_once(tmp_path, wandb_env, monkeypatch, caplog) -> None:
     """A server that verifies the key and then stalls creating the run: wandb.init fails
     within init_timeout_s, training continues without W&B."""

@@ -198,6 +198,7 @@ def test_counts_equal_an_independent_tarfile_pil_torchvision_loop(trained, tmp_p
 # ---------------------------------------------------------------- sweeps
 
 
+@pytest.mark.slow
 def test_sweep_of_two_checkpoints_two_sizes_two_crops_writes_eight_rows(random_ckpts, tmp_path) -> None:
     argv = ["--checkpoint", str(random_ckpts["a"]), str(random_ckpts["b"]), "--img-size", *SIZES, "--crop-pct", *CROPS]
     code, rows = run(argv, tmp_path)
@@ -352,6 +353,7 @@ def test_a_local_dir_folder_validates_like_its_checkpoint_in_the_same_pass(rando
 # ---------------------------------------------------------------- decode once
 
 
+@pytest.mark.slow
 def test_a_sweep_decodes_each_sample_once_per_preprocessing_group(random_ckpts, caplog) -> None:
     caplog.set_level(logging.INFO)
     specs = describe_all(checkpoint_specs([str(random_ckpts["a"]), str(random_ckpts["b"])]))
