@@ -149,12 +149,11 @@ def model_rows(args: argparse.Namespace, weights: Path) -> dict[str, dict]:
         with torch.inference_mode(), autocast():
             models[side](inputs[side])
     timed = harness.measure({side: lambda side=side: forward(side) for side in SIDES}, args, first=True)
+    setting = {"ours": f"{getattr(ours, 'folded_batchnorms', 0)} BatchNorms folded, NHWC, "
+                       + (f"compile {args.compile_backend}" if args.compile_ours else "eager"),
+               "timm": "NCHW, no fold, eager"}
     rows = {side: harness.timed_row(timed[side], args.batch_size, model=SIDES[side](args), batch=args.batch_size,
-                                    setting=(f"{getattr(ours, 'folded_batchnorms', 0)} BatchNorms folded, NHWC"
-                                             if side == "ours" else "NCHW, no fold")
-                                    + (f", compile {args.compile_backend}" if side == "ours" and args.compile_ours
-                                       else ", eager"))
-            for side in SIDES}
+                                    setting=setting[side]) for side in SIDES}
     rows["ours"]["vs_timm"] = harness.ratio(rows["ours"].get("images_per_s"), rows["timm"].get("images_per_s"))
     return rows
 

@@ -20,14 +20,11 @@ __all__ = ['BLOCKS', 'BasicBlock', 'Bottleneck', 'CheckpointSeq', 'Checkpointabl
 BN_MOMENTUM = 0.1
 
 
-def conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False, act: bool = True) -> nn.Sequential:
-    layers: List[nn.Module] = [
-        nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, bias=bias),
-        nn.BatchNorm2d(out_chs, momentum=BN_MOMENTUM),
-    ]
-    if act:
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
+def conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False,
+            act: bool = True) -> nn.Sequential:
+    conv = nn.Conv2d(in_chs, out_chs, kernel, stride, kernel // 2, bias=bias)
+    bn = nn.BatchNorm2d(out_chs, momentum=BN_MOMENTUM)
+    return nn.Sequential(conv, bn, nn.ReLU(inplace=True)) if act else nn.Sequential(conv, bn)
 
 
 @register_notrace_module

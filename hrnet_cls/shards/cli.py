@@ -9,8 +9,10 @@ from hrnet_cls.data.workers import usable_cores
 from hrnet_cls.shards.scan import SourceError
 from hrnet_cls.shards.writer import write_split
 
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hrnet_cls.shards", description="Write image datasets as webdataset tar shards.")
+    parser = argparse.ArgumentParser(prog="python -m hrnet_cls.shards",
+                                     description="Write image datasets as webdataset tar shards.")
     sub = parser.add_subparsers(dest="command", required=True)
     write = sub.add_parser("write", help="write SRC as OUT_DIR/{split}-NNNNNN.tar + _info.json")
     write.add_argument("src", help="ImageFolder tree (one folder per class), or a flat folder with --labels")
@@ -24,8 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     write.add_argument("--workers", type=int, default=usable_cores(),
                        help="processes decoding and writing (default: all CPUs)")
     write.add_argument("--name", help="dataset name stored in _info.json (default: OUT_DIR's name)")
-    write.add_argument("--no-json", action="store_true", help="omit the KEY.json sidecars (source path, "
-                                                                "class name)")
+    write.add_argument("--no-json", action="store_true", help="omit the KEY.json sidecars (source path, class name)")
     write.add_argument("--quiet", action="store_true", help="no progress output")
     return parser
 
