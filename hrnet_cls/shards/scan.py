@@ -15,7 +15,7 @@ logger = logging.getLogger("hrnet_cls.shards")
 
 SOURCE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp"})
 _HEADER_WORDS = ({"filename", "file", "image", "path", "name"}, {"class", "label", "target"})
-_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # webdataset splits keys at the first dot
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")  # webdataset cuts keys at the first dot and reads '/' as a folder
 
 
 class SourceError(ValueError):
@@ -296,11 +296,8 @@ def _token_to_index(token: str, lookup: dict[str, int], where: str, info_path: P
 
 
 def make_keys(rels: Sequence[str]) -> list[str]:
-    """Unique sample keys: the file stem when stems are unique in the split, else the path.
-
-    Characters other than letters, digits, '-' and '_' become '_' (webdataset cuts keys at
-    the first dot and treats '/' as a folder).
-    """
+    """Unique sample keys: the file stem when stems are unique in the split, else the path; characters
+    other than letters, digits, '-' and '_' become '_' (_KEY_UNSAFE)."""
     stems = [_KEY_UNSAFE.sub("_", Path(r).stem) for r in rels]
     if len(set(stems)) == len(stems):
         return stems
@@ -314,12 +311,6 @@ def make_keys(rels: Sequence[str]) -> list[str]:
         used.add(key)
         keys.append(key)
     return keys
-
-
-def _make_items(src: Path, rels: list[str], labels: list[int], class_names: list[str]) -> list[Item]:
-    keys = make_keys(rels)
-    return [Item(str((src / rel).resolve()), rel, label, class_names[label], key,
-                 os.path.getsize(src / rel)) for rel, label, key in zip(rels, labels, keys)]
 
 
 def collect_items(src: Path, labels: Path | None, class_names: list[str] | None,
@@ -340,15 +331,17 @@ def collect_items(src: Path, labels: Path | None, class_names: list[str] | None,
                               f"of {info_path} ({len(class_names)} classes)")
         rels = [rel for files in by_class.values() for rel in files]
         indices = [lookup[name] for name, files in by_class.items() for _ in files]
-        return _make_items(src, rels, indices, class_names), class_names
-    rows = match_labelled_files(src, labels, report)
-    if not rows:
-        raise SourceError(f"{labels}: none of its files is readable in {src}")
-    if class_names is None:
-        if all(token.isdigit() for _, token, _ in rows):
-            raise SourceError(f"{labels}: labels are class indices but {info_path} holds no class "
-                              "list yet; write the ImageFolder split into OUT_DIR first")
-        class_names = sorted({token for _, token, _ in rows})
-    lookup = {name: i for i, name in enumerate(class_names)}
-    indices = [_token_to_index(t, lookup, f"{labels}:{n}", info_path) for _, t, n in rows]
-    return _make_items(src, [r for r, _, _ in rows], indices, class_names), class_names
+    else:
+        rows = match_labelled_files(src, labels, report)
+        if not rows:
+            raise SourceError(f"{labels}: none of its files is readable in {src}")
+        if class_names is None:
+            if all(token.isdigit() for _, token, _ in rows):
+                raise SourceError(f"{labels}: labels are class indices but {info_path} holds no class "
+                                  "list yet; write the ImageFolder split into OUT_DIR first")
+            class_names = sorted({token for _, token, _ in rows})
+        lookup = {name: i for i, name in enumerate(class_names)}
+        rels = [r for r, _, _ in rows]
+        indices = [_token_to_index(t, lookup, f"{labels}:{n}", info_path) for _, t, n in rows]
+    return [Item(str((src / rel).resolve()), rel, label, class_names[label], key, os.path.getsize(src / rel))
+            for rel, label, key in zip(rels, indices, make_keys(rels))], class_names
