@@ -239,14 +239,15 @@ def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRe
         return 2, f"train.py: error: {e}"
     except NonFiniteLossError as e:
         return 3, f"train.py: error: {e}"
-    except Preempted as e:
-        stop.ignore()  # stopped and saved: a signal now (torchrun's, as ranks exit) must not cut the clean-up
+    except Preempted as e:  # stop signals have been ignored since the stop was agreed (StopRequest.ignore)
         return PREEMPTED_EXIT, (f"train.py: preempted at {e}: checkpoint saved in {run.path}; rerun the same "
                                 "command to continue")
     except LabelError as e:
         return 1, f"train.py: error: {e.reason}"
     except OSError as e:  # a full disk, a read-only or vanished file system while saving
-        return 1, f"train.py: error: {os_error_line(e, 'cannot write')}; the previous checkpoint is intact"
+        kept = run.checkpoints()
+        return 1, (f"train.py: error: {os_error_line(e, 'cannot write')}; " + (
+            f"the previous checkpoint is intact ({kept[0].name})" if kept else "no checkpoint was written"))
     except (torch.distributed.DistBackendError, RuntimeError) as e:
         if info.world_size == 1 or not _lost_peer(e):
             raise

@@ -10,8 +10,10 @@ script tells a preemption from a crash by this file), every rank waits for that,
 train.py exits with ``PREEMPTED_EXIT``.
 
 The same signal often arrives twice (torchrun forwards it and SLURM signals every process of
-the step): repeats within ``REPEAT_S`` are ignored. A signal after that stops the process at
-once, without saving.
+the step): repeats within ``REPEAT_S`` are ignored. A signal after that, while the stop is not
+yet agreed, stops the process at once, without saving. Once every rank has agreed to stop,
+stop signals are ignored until the process exits: the save, the marker and the exit run to the
+end and the status stays 75 however many signals the scheduler and torchrun still send.
 
 Agreement costs no device sync: each rank's flag goes into an asynchronous all_reduce (MAX)
 on a gloo group of CPU tensors, started after step k and read after step k+1, so a stop
@@ -55,6 +57,7 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         self._flag = np.zeros(1, dtype=np.int32)  # the all_reduce writes here; read without torch
         self._work: Any = None
+        self._ignoring = False  # the stop is agreed: signals are ignored until the process exits
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -74,13 +77,23 @@ class StopRequest:
                        "(a second signal stops at once, without saving)", signal.Signals(signum).name)
 
     def ignore(self) -> None:
-        """Ignore stop signals from now on: the run has stopped and only cleans up (torchrun
-        sends SIGTERM to a rank still exiting when another has exited)."""
+        """Ignore stop signals from now on, to the end of the process: the run has stopped and
+        only saves and cleans up (torchrun sends SIGTERM to a rank still exiting when another
+        has exited; the scheduler's repeat may come later still)."""
+        self._ignoring = True
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
+    def _agreed(self, stop: bool) -> bool:
+        if stop:
+            self.ignore()
+            logger.info("every rank stops here: saving the checkpoint; stop signals are ignored from now on")
+        return stop
+
     def restore(self) -> None:
-        """Put back the handlers that were there before install()."""
+        """Put back the handlers that were there before install() (not after a stop: see ignore)."""
+        if self._ignoring:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -88,7 +101,7 @@ class StopRequest:
     def poll(self) -> bool:
         """Collective, called by every rank after every step: whether all ranks stop here."""
         if self.group is None:
-            return self.signal is not None
+            return self._agreed(self.signal is not None)
         agreed = False
         if self._work is not None:
             self._work.wait()
@@ -96,16 +109,16 @@ class StopRequest:
         self._flag[0] = int(self.signal is not None)
         self._work = dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group,
                                      async_op=True)
-        return agreed
+        return self._agreed(agreed)
 
     def agree(self) -> bool:
         """Collective and blocking: whether any rank has received a stop signal by now."""
         if self.group is None:
-            return self.signal is not None
+            return self._agreed(self.signal is not None)
         self.settle()
         self._flag[0] = int(self.signal is not None)
         dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group)
-        return bool(self._flag[0])
+        return self._agreed(bool(self._flag[0]))
 
     def settle(self) -> None:
         """Wait for the agreement in flight (before the process group goes away)."""

@@ -22,7 +22,7 @@ import torch
 from conftest import (REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script,
                       run_train, subprocess_env, train_command)
 from hrnet_cls.atomic import ChecksumError, verify
-from hrnet_cls.preemption import PREEMPTED_EXIT
+from hrnet_cls.preemption import PREEMPTED_EXIT, REPEAT_S
 from hrnet_cls.run_dir import PREEMPTED as PREEMPTED_MARKER
 
 train_script = load_script("train.py")
@@ -90,6 +90,25 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at epoch 1, batch {state['batch_in_epoch']}, step {state['step']}" in resumed.stderr
     assert same_training_state(load(out / "last.pth"), whole) and not (out / PREEMPTED_MARKER).exists()
+
+
+@pytest.mark.slow
+def test_signals_that_keep_coming_after_the_stop_do_not_change_exit_75(tmp_path) -> None:
+    out = tmp_path / "run"
+    proc, log = start(tmp_path, out)
+    wait_for(proc, log, "epoch 0/2  batch 2/11")
+    first = time.monotonic()
+    while proc.poll() is None and time.monotonic() - first < REPEAT_S * 0.75:  # repeats of the first signal
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    if proc.poll() is None:
+        wait_for(proc, log, "every rank stops here")
+    while proc.poll() is None:  # the scheduler and torchrun signal again while the stopped process exits
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    assert proc.returncode == PREEMPTED_EXIT, log.read_text()[-3000:]
+    assert "stopping now, without saving" not in log.read_text()
+    assert verify(out / "last.pth") and (out / PREEMPTED_MARKER).exists()
 
 
 @pytest.mark.slow
@@ -224,6 +243,7 @@ def test_when_no_checkpoint_verifies_resume_stops_with_one_line_and_overwrites_n
     shutil.copytree(three_epochs, out)
     for path in out.glob("*.pth"):
         flip_a_byte(path)
+    (out / PREEMPTED_MARKER).write_text("epoch 3, batch 2, step 35\n")  # a refused folder keeps its marker
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     proc = run_train(tmp_path, *TINY_RECIPE, "schedule.epochs=4", f"checkpoint.output_dir={out}")
     assert proc.returncode == 2
@@ -273,6 +293,13 @@ def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_stays_loadable(tmp
     disk = tmp_path / "disk"
     mounted = mount_tmpfs(disk, "size=64m")
     out, recipe = disk / "run", [*TINY_RECIPE, "checkpoint.keep=0"]
+    first = tmp_path / "first"  # the very first save fails: there is no previous checkpoint to speak of
+    proc = subprocess.run(train_command(*recipe, "schedule.epochs=1", f"checkpoint.output_dir={first}"), cwd=REPO,
+                          env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1].endswith(
+        "File too large (EFBIG); no checkpoint was written"), proc.stderr[-3000:]
+    assert not list(first.glob("*.pth*")) and not list(first.glob(".*.tmp"))
     assert run_train(tmp_path, *recipe, "schedule.epochs=1", f"checkpoint.output_dir={out}").returncode == 0
     good = (out / "last.pth").read_bytes()  # epoch 1's checkpoint; last.pth + best.pth take ~10 MB
     try:
