@@ -19,6 +19,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 from typing import Callable, NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -119,17 +120,13 @@ def pipelines(shards: Shards, args: argparse.Namespace) -> dict[str, Callable[[]
         return run
 
     def ours(train: bool, pil: bool = False) -> Callable[[], None]:
-        def run() -> None:
-            saved = transforms.simplejpeg
-            transforms.simplejpeg = None if pil else saved  # forked DataLoader workers inherit it
-            try:
+        def run() -> None:  # pil: no simplejpeg, in the forked DataLoader workers too (they inherit it)
+            with mock.patch.object(transforms, "simplejpeg", None if pil else transforms.simplejpeg):
                 for _ in (build_train_loader(shards.pattern, batch_size=args.batch, img_size=args.img_size, seed=0,
                                              epoch=0, workers=args.workers, pin_memory=args.device.startswith("cuda"))
                           if train else build_val_loader(shards.pattern, batch_size=args.batch,
                                                          img_size=args.img_size, crop_pct=0.875, workers=args.workers)):
                     pass
-            finally:
-                transforms.simplejpeg = saved
         return run
     every = {"train ours": ours(True), "train ours-pil": ours(True, pil=True), "train timm": timm_pass(True),
              "train timm-nojitter": timm_pass(True, color_jitter=None), "eval ours": ours(False),
