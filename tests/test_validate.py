@@ -25,6 +25,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 
 from conftest import DIGITS, DIGITS_VAL as VAL, DIGITS_VAL_SAMPLES as VAL_SAMPLES, REPO, load_script, subprocess_env, tiny_model
+from hrnet_cls.atomic import sidecar
 from hrnet_cls.checkpoint import build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
@@ -401,6 +402,7 @@ def test_two_processes_equal_one_and_agree_on_rows_that_fail_on_one_rank(trained
     (tmp_path / "rank1" / "ckpt" / "flaky_read.pth").write_bytes(good[: len(good) // 3])
     (tmp_path / "rank0" / "ckpt" / "flaky_load.pth").write_bytes(good)
     save_ckpt(tmp_path / "rank1" / "ckpt" / "flaky_load.pth", tiny(4, num_classes=7))
+    sidecar(tmp_path / "rank1" / "ckpt" / "flaky_load.pth").unlink()  # unverified on both ranks, like the copies
     (tmp_path / "wrapper.py").write_text(WRAPPER)
     out = tmp_path / "two.json"
     argv = ["--checkpoint", "ckpt/flaky_read.pth", "ckpt/good.pth", "ckpt/flaky_load.pth", "--img-size", *SIZES,
