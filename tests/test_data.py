@@ -170,17 +170,20 @@ def test_a_val_worker_with_only_bad_samples_reports_them_in_an_empty_batch(tmp_p
 
 
 def test_bad_data_never_breaks_training_batches(tmp_path: Path) -> None:
-    pattern, good, _ = broken_dataset(tmp_path)
-    # 21 listed samples -> 5 batches of 4; only 10 pass the label/image checks, so the slot
-    # reads on, wrapping around, to fill its quota
-    runs = [epoch_batches(pattern, workers=w, start_batch=s) for w, s in ((0, 0), (0, 0), (0, 3), (2, 0))]
-    assert len(runs[0]) == 5 and all(images.shape == (4, 3, 16, 16) for images, *_ in runs[0])
-    assert same_batches(runs[0], runs[1]) and same_batches(runs[0][3:], runs[2])
+    pattern, good, bad = broken_dataset(tmp_path)
+    # 21 listed samples; the cut shard holds 2 of its 5, the deleted one none: the epoch is planned on
+    # the 14 there (3 batches of 4, 2 spare). 10 of them pass the label/image checks, so the last 2
+    # places are other crops of the reader's own samples, and nothing is read twice
+    runs = [epoch_batches(pattern, workers=w, start_batch=s) for w, s in ((0, 0), (0, 0), (0, 2), (2, 0))]
+    assert len(runs[0]) == 3 and all(images.shape == (4, 3, 16, 16) for images, *_ in runs[0])
+    assert same_batches(runs[0], runs[1]) and same_batches(runs[0][2:], runs[2])
     ids = [i for images, *_ in runs[0] for i in ids_of(images)]
     assert set(ids) <= good  # undecodable images were replaced by decodable ones of their batch
     assert all(int(t) == i % NUM_CLASSES for images, targets, *_ in runs[0]
                for i, t in zip(ids_of(images), targets))
-    assert sum(s for _, _, s, _ in runs[0]) >= 11 and len(runs[3]) == 5  # >= one lap of bad samples
+    positions = np.concatenate([p for *_, p in runs[0]])
+    assert sorted(positions[positions >= 0]) == sorted(set(positions[positions >= 0])) and sum(positions < 0) == 2
+    assert sum(s for _, _, s, _ in runs[0]) == bad == sum(s for _, _, s, _ in runs[3])  # each bad sample once
 
 
 def test_a_batch_with_no_decodable_image_keeps_its_shape(tmp_path: Path) -> None:
@@ -194,7 +197,7 @@ def test_a_batch_with_no_decodable_image_keeps_its_shape(tmp_path: Path) -> None
 
 def test_shards_without_any_usable_sample_raise_instead_of_spinning(tmp_path: Path) -> None:
     urls = write_shards(tmp_path, "train", [[(f"k{i}", {"png": id_png(i)}) for i in range(4)]] * 2)
-    with pytest.raises(RuntimeError, match="no usable sample in any of the 2 training shards"):
+    with pytest.raises(RuntimeError, match=r"no usable sample in the 2 training shard\(s\) read by rank 0, reader 0"):
         epoch_batches(urls, batch_size=2)
 
 
@@ -247,17 +250,17 @@ def _ddp_job(rank: int, world: int, root: str) -> None:
                             timeout=timedelta(seconds=60))
     train = build_train_loader(f"{root}/train-*.tar", batch_size=4, img_size=16, seed=7, epoch=1, rank=rank,
                                world_size=world, workers=2)
-    steps, train_ids = 0, []
-    for images, *_ in train:
+    steps, train_ids, skipped = 0, [], 0
+    for images, _, bad, _ in train:
         dist.all_reduce(torch.ones(1))  # one collective per step as in DDP: unequal counts would hang
-        steps += 1
+        steps, skipped = steps + 1, skipped + bad
         train_ids += ids_of(images)
     val = build_val_loader(f"{root}/val-*.tar", batch_size=5, img_size=16, crop_pct=1.0, rank=rank,
                            world_size=world, workers=2)
     val_ids = []
     batches = [(images, targets, bad) for images, targets, bad in val if not val_ids.extend(ids_of(images))]
     totals = reduce(feed([ToyModel()], batches, device=torch.device("cpu"), precision=Precision.of("fp32", "cpu")))
-    result = {"steps": steps, "train_ids": train_ids, "val_ids": val_ids, "total": totals.counts[0]}
+    result = {"steps": steps, "train_ids": train_ids, "skipped": skipped, "val_ids": val_ids, "total": totals.counts[0]}
     Path(root, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -278,3 +281,26 @@ def test_two_gloo_processes_equal_train_steps_and_exact_validation(tmp_path: Pat
         single += accuracy_counts(toy_logits(images), targets)
     assert ranks[0]["total"] == ranks[1]["total"] == single.tolist()
     assert 0 < single[0] < single[1] < single[2] == 47
+
+
+@pytest.mark.slow
+def test_two_processes_train_each_sample_of_a_cut_shard_at_most_once_and_count_the_loss_once(tmp_path: Path,
+                                                                                            caplog) -> None:
+    id_shards(tmp_path, "train", [23, 5, 17, 1, 30, 9, 11])  # 96 samples listed in _info.json
+    id_shards(tmp_path, "val", [20, 3, 24], first=1000)
+    cut = tmp_path / "train-000004.tar"  # ids 46..75: cut inside sample 12's image, 18 samples lost
+    with tarfile.open(cut) as tar:
+        offset = tar.getmember(f"s{46 + 12:05d}.png").offset_data + 10
+    with open(cut, "r+b") as f:
+        f.truncate(offset)
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.data"):
+        assert len(build_train_loader(f"{tmp_path}/train-*.tar", batch_size=4, img_size=16, seed=7, epoch=1,
+                                      rank=0, world_size=2, workers=2)) == 78 // 8
+    assert f"{cut}: holds 12 samples, 18 fewer than the _info.json lists" in caplog.text
+    mp.spawn(_ddp_job, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 78 // 8
+    trained = ranks[0]["train_ids"] + ranks[1]["train_ids"]
+    assert len(trained) == len(set(trained)) == 72  # nothing twice (the listed count would need 96)
+    assert set(trained) <= set(range(58)) | set(range(76, 96))
+    assert (ranks[0]["skipped"], ranks[1]["skipped"]) == (18, 0)  # counted once, on rank 0

@@ -169,11 +169,15 @@ def _open_tar(url: str) -> tarfile.TarFile:
 
 
 def count_samples(url: str) -> int:
-    """Samples (distinct consecutive keys) in one shard; what is readable if it is damaged."""
+    """Samples (distinct consecutive keys) in one shard; if it is damaged, those whose files
+    lie wholly inside what is readable (a local file cut short ends before its last member)."""
     count, last = 0, None
     try:
+        size = None if _is_remote(url) else os.path.getsize(url)
         with contextlib.closing(_open_tar(url)) as tar:
             for member in tar:
+                if size is not None and member.offset_data + member.size > size:
+                    break
                 key = base_plus_ext(member.name)[0] if member.isreg() else None
                 if key is not None and key != last:
                     count, last = count + 1, key
@@ -183,15 +187,46 @@ def count_samples(url: str) -> int:
 
 
 def shard_lengths(urls: Sequence[str]) -> list[int]:
-    """Samples per shard of an expanded list: from the _info.json beside the first shard
-    where it lists the shard, else counted by reading the tar headers."""
+    """Samples per shard of an expanded list: from the _info.json beside the first shard where it
+    lists the shard, else counted from the tar headers. Readers of these counts meet a shard's
+    missing samples as they read and count them as skipped (validation does)."""
     where = _info_location(urls)
     known = _known_lengths(_load_info(where), where)
-    lengths = [known.get(_norm(url)) for url in urls]
-    unknown = [url for url, n in zip(urls, lengths) if n is None]
-    if unknown:
-        logger.info("counting the samples of %d shard(s) not listed in an _info.json", len(unknown))
-    return [count_samples(url) if n is None else n for url, n in zip(urls, lengths)]
+    listed = [known.get(_norm(url)) for url in urls]
+    if None in listed:
+        logger.info("counting the samples of %d shard(s) not listed in an _info.json", listed.count(None))
+    return [count_samples(url) if n is None else n for url, n in zip(urls, listed)]
+
+
+def _looks_whole(path: str) -> bool:
+    """A local tar ends in zero blocks (its end-of-archive marker): a file cut on copy does not.
+    One small read per shard, so every listed length is checked before an epoch is planned."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 1024))
+            return size >= 1024 and size % 512 == 0 and not any(f.read())
+    except OSError:
+        return False
+
+
+def checked_lengths(urls: Sequence[str]) -> tuple[list[int], int]:
+    """(samples per shard, samples listed that are not there): shard_lengths, where a local shard
+    that does not end like a whole tar (cut short, missing) is counted instead and its shortfall
+    logged naming the shard. Training plans its epoch on these: planned on a listed count, the
+    epoch would have to read some samples twice to fill itself."""
+    lengths, short = [], 0
+    for url, n in zip(urls, shard_lengths(urls)):
+        if _is_remote(url) or _looks_whole(url):
+            lengths.append(n)
+            continue
+        real = count_samples(url) if os.path.exists(url) else 0
+        if real < n:
+            logger.warning("%s: holds %d samples, %d fewer than the _info.json lists (cut short, damaged or "
+                           "missing); the epoch leaves them out", url, real, n - real)
+            short += n - real
+        lengths.append(min(n, real))
+    return lengths, short
 
 
 def info_num_classes(urls: Sequence[str]) -> int | None:

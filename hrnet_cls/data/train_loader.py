@@ -7,6 +7,7 @@ positions that any other layout can continue from (docs/design.md §5.4).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -27,7 +28,7 @@ from hrnet_cls.data.sources import (
     num_classes_of,
     read_info,
     read_segment,
-    shard_lengths,
+    checked_lengths,
     shuffle_buffer,
     warn,
 )
@@ -64,6 +65,7 @@ class TrainPlan:
     ratio: tuple[float, float]
     hflip: float
     exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
+    short: int = 0  # samples the _info.json lists that the shards lack: skipped, charged to rank 0's batch 0
 
     @property
     def samples(self) -> int:
@@ -90,14 +92,22 @@ class TrainPlan:
         """Rank batches b in [0, batches) with b % slots == slot."""
         return max(0, (self.batches - slot + self.slots - 1) // self.slots)
 
-    def slot_start(self, slot: int) -> int:
-        """Position where the slot's stretch begins: the stretches of all (rank, slot) pairs
-        cut the plan's positions (those not excluded) into consecutive runs."""
-        before = (self.rank * self.batches + sum(self.slot_batches(s) for s in range(slot))) * self.batch_size
-        if not self.exclude:
-            return before
-        available = np.flatnonzero(~self.excluded())
-        return int(available[before]) if before < len(available) else self.samples
+    def reads(self, slot: int) -> list[tuple[int, int]]:
+        """The position ranges [start, stop) the slot reads, in order: its stretch, then its share
+        of the spare positions after the last whole global batch. The ranges of all (rank,
+        slot) pairs are disjoint, so no sample is read twice in an epoch, and a missing or
+        bad one is counted by one reader only."""
+        pairs, pair = self.world_size * self.slots, self.rank * self.slots + slot
+        first = (self.rank * self.batches + sum(self.slot_batches(s) for s in range(slot))) * self.batch_size
+        used = self.batches * self.batch_size * self.world_size
+        spare = self.samples - self.before - used
+        ranges = [(first, first + self.slot_batches(slot) * self.batch_size),
+                  (used + pair * spare // pairs, used + (pair + 1) * spare // pairs)]
+        if self.exclude:  # counted among the positions not excluded
+            available = np.append(np.flatnonzero(~self.excluded()), self.samples)
+            ranges = [(int(available[a]), int(available[b - 1]) + 1 if b > a else int(available[a]))
+                      for a, b in ranges]
+        return [(a, b) for a, b in ranges if b > a]
 
     def shard_order(self) -> list[int]:
         order = list(range(len(self.urls)))
@@ -105,42 +115,42 @@ class TrainPlan:
         return order
 
 
-def _cyclic_segments(plan: TrainPlan, start: int) -> Iterator[Segment]:
-    """Segments from position ``start`` on in the epoch's sequence, wrapping around forever."""
-    order = [i for i in plan.shard_order() if plan.lengths[i] > 0]
-    bases, pos = [], 0
-    for i in order:
-        bases.append(pos)
-        pos += plan.lengths[i]
-    first = next((k for k, i in enumerate(order) if bases[k] + plan.lengths[i] > start), 0)
-    i = order[first]
-    yield Segment(plan.urls[i], max(0, start - bases[first]), plan.lengths[i], bases[first])
-    while True:
-        for k in list(range(first + 1, len(order))) + list(range(first + 1)):
-            yield Segment(plan.urls[order[k]], 0, plan.lengths[order[k]], bases[k])
+def _segments(plan: TrainPlan, start: int, stop: int) -> Iterator[Segment]:
+    """The shard stretches holding positions [start, stop) of the epoch's sequence, in order."""
+    base = 0
+    for i in plan.shard_order():
+        if base < stop and start < base + plan.lengths[i]:
+            yield Segment(plan.urls[i], max(0, start - base), min(plan.lengths[i], stop - base), base)
+        base += plan.lengths[i]
 
 
 def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[RawSample]:
-    """Exactly the slot's quota of usable samples, read from its stretch on, leaving out the
-    excluded positions (read past without decoding) and reading on past bad samples."""
+    """Exactly the slot's quota of samples, read from its own positions (plan.reads) only,
+    leaving out the excluded positions (read past without decoding) and bad samples. If bad
+    samples leave it short, the rest are other crops of its last good samples (position -1)."""
     quota = plan.slot_batches(slot) * plan.batch_size
     excluded = plan.excluded() if plan.exclude else None
-    got, fruitless = 0, 0
+    recent: collections.deque[RawSample] = collections.deque(maxlen=plan.batch_size)
     if quota == 0:
         return
-    for seg in _cyclic_segments(plan, plan.slot_start(slot)):
-        before = got
-        for raw in read_segment(seg, plan.num_classes, skipped):
-            if excluded is not None and excluded[raw[3]]:
-                continue
-            yield raw
-            got += 1
-            if got == quota:
-                return
-        fruitless = 0 if got > before else fruitless + 1
-        if fruitless > len(plan.urls):  # a whole lap without one usable sample
-            raise RuntimeError(f"no usable sample in any of the {len(plan.urls)} training shards "
-                               f"(e.g. {plan.urls[0]}); check the files")
+    for start, stop in plan.reads(slot):
+        for seg in _segments(plan, start, stop):
+            for raw in read_segment(seg, plan.num_classes, skipped):
+                if excluded is None or not excluded[raw[3]]:
+                    yield raw
+                    recent.append(raw)
+                    quota -= 1
+                    if quota == 0:
+                        return
+    if not recent:
+        names = sorted({seg.url for a, b in plan.reads(slot) for seg in _segments(plan, a, b)})
+        raise RuntimeError(f"no usable sample in the {len(names)} training shard(s) read by rank {plan.rank}, "
+                           f"reader {slot} (e.g. {names[0] if names else '-'}); check the files")
+    warn("rank %d reader %d: %d samples short after its own share of the epoch; filled with other crops "
+         "of its last good samples", plan.rank, slot, quota)
+    for n in range(quota):
+        key, data, target, _ = recent[n % len(recent)]
+        yield f"{key}#{n + 1}", data, target, -1
 
 
 def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Normalizer) -> TrainBatch:
@@ -165,7 +175,7 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Norm
         rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
         normalize(train_crop(data, plan.img_size, rng, **kw), images[i])
         targets[i] = target
-    return images, targets, len(failed), positions
+    return images, targets, int((positions[failed] >= 0).sum()), positions  # a fill-in's donor counted already
 
 
 def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
@@ -179,6 +189,8 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
     for local, chunk in enumerate(chunks(stream, plan.batch_size)):
         # skips are charged to the batch whose reading met them: the same with or without resume
         new_skips, reported = skipped.n - reported, skipped.n
+        if local == 0 and slot == 0 and plan.rank == 0 and not plan.exclude:
+            new_skips += plan.short  # the epoch's batch 0, once over all ranks
         if local < first:
             continue  # cut from raw bytes, never decoded
         images, targets, failed, positions = _decode_train_batch(chunk, plan, normalize)
@@ -289,7 +301,7 @@ class TrainLoader:
                 while expected in held:  # the round robin already yields in order; this guards it
                     images, targets, skipped, packed = held.pop(expected)
                     positions = np.frombuffer(packed, dtype=np.int64)
-                    self.consumed[positions] = True
+                    self.consumed[positions[positions >= 0]] = True  # -1: a fill-in (plan.reads)
                     yield images, targets, int(skipped), positions
                     expected += 1
         finally:
@@ -320,10 +332,10 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     check_common(batch_size, img_size, rank, world_size, workers, interpolation)
     shard_urls = expand_urls(urls)
     info = read_info(shard_urls)
-    plan = TrainPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size, seed,
-                     epoch, rank, world_size, max(1, workers), start_batch, max(1, shuffle_buffer),
-                     num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation,
-                     tuple(scale), tuple(ratio), hflip)
+    lengths, short = checked_lengths(shard_urls)
+    plan = TrainPlan(tuple(shard_urls), tuple(lengths), batch_size, img_size, seed, epoch, rank, world_size,
+                     max(1, workers), start_batch, max(1, shuffle_buffer), num_classes_of(info, num_classes),
+                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, short=short)
     if plan.batches == 0:
         raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
                          f"on each of {world_size} process(es); lower the batch size")
