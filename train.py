@@ -40,7 +40,7 @@ from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_di
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
 from hrnet_cls.data.sources import info_num_classes
 from hrnet_cls.distributed import DistInfo, all_gather_object, barrier, broadcast_buffers, cleanup, init_distributed
-from hrnet_cls.engine import NonFiniteLossError, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.engine import BadDataError, NonFiniteLossError, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.errors import one_line, os_error_line
 from hrnet_cls.evaluation import evaluate
 from hrnet_cls.precision import Precision
@@ -244,6 +244,8 @@ def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRe
                                 "command to continue")
     except LabelError as e:
         return 1, f"train.py: error: {e.reason}"
+    except BadDataError as e:
+        return 1, f"train.py: error: {e}"
     except OSError as e:  # a full disk, a read-only or vanished file system while saving
         kept = run.checkpoints()
         return 1, (f"train.py: error: {os_error_line(e, 'cannot write')}; " + (

@@ -69,6 +69,10 @@ class DataConfig:
     img_size: int = doc(224, "Square training crop and evaluation crop side, pixels.")
     crop_pct: float = doc(0.875, "Evaluation centre-crop fraction: the shorter side is resized to "
                                  "floor(img_size / crop_pct) first, as in timm.")
+    max_bad_fraction: float = doc(
+        0.01, "Most bad training samples (missing, unlabelled, undecodable) per image trained in an epoch, "
+              "checked every log_interval steps once 10,000 images are in, and at the epoch end; past it the "
+              "run stops naming the worst shards (1 = never stop).")
 
 
 @dataclass
@@ -348,6 +352,7 @@ def validate(cfg: Config) -> None:
     _require(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
     _require(d.img_size >= 8, f"data.img_size must be >= 8 pixels, got {d.img_size}")
     _require(0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
+    _require(0.0 <= d.max_bad_fraction <= 1.0, f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     _validate_optim(o)
     _validate_schedule(s)
     _validate_train(t)

@@ -14,7 +14,9 @@ reads its overflow flag every step unless the optimizer is fused; that is the sc
 """
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -27,7 +29,7 @@ from torch import nn
 
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
-from hrnet_cls.distributed import DistInfo, all_reduce_sum
+from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
 from hrnet_cls.ema import NoEma, build_ema
 from hrnet_cls.optim import StepSchedule, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
@@ -42,6 +44,13 @@ SaveFn = Callable[[int, int, int], None]  # save(epoch, batch_in_epoch, global_s
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite on some process; raised on every process."""
+
+
+class BadDataError(RuntimeError):
+    """More bad samples than data.max_bad_fraction allows; raised on every process."""
+
+
+BAD_WINDOW = 10_000  # images: the bad-sample budget is checked once an epoch has trained this many, and at its end
 
 
 @dataclass
@@ -64,6 +73,7 @@ class TrainParts:
     halt_on_nonfinite: bool  # stop on a NaN/inf loss; False under fp16, whose scaler skips those steps
     log_interval: int  # optimizer steps between log lines (and host syncs)
     save_interval: int  # optimizer steps between mid-epoch checkpoints; 0 = none
+    max_bad_fraction: float  # bad samples per image trained in an epoch before the run stops
 
 
 @dataclass(frozen=True)
@@ -103,7 +113,8 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
         memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
         world_size=info.world_size, epochs=cfg.schedule.epochs,
         halt_on_nonfinite=not scaler.is_enabled(),  # fp16: the scaler skips non-finite steps instead
-        log_interval=cfg.train.log_interval, save_interval=cfg.checkpoint.save_interval)
+        log_interval=cfg.train.log_interval, save_interval=cfg.checkpoint.save_interval,
+        max_bad_fraction=cfg.data.max_bad_fraction)
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
@@ -117,7 +128,7 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     parts.model.train()
     batches = loader.batches_per_epoch
     batch = batches - len(loader)  # batches of this epoch trained before a resume
-    meter = _Meter(parts, epoch, batches, loader.progress(batch)[0])
+    meter = _Meter(parts, loader, epoch, batches, loader.progress(batch)[0])
     stopped = False
     for batch, (images, targets, skipped, _) in enumerate(_iterate(loader), start=batch + 1):
         start, end = loader.progress(batch - 1)  # epoch progress in samples: the same on any world size
@@ -175,8 +186,8 @@ def _iterate(loader: Iterable[Batch]) -> Iterator[Batch]:
 class _Meter:
     """Device-side sums of one epoch, read on the host only at log and save points."""
 
-    def __init__(self, parts: TrainParts, epoch: int, batches: int, progress: float):
-        self.parts, self.epoch, self.batches = parts, epoch, batches
+    def __init__(self, parts: TrainParts, loader: TrainLoader, epoch: int, batches: int, progress: float):
+        self.parts, self.loader, self.epoch, self.batches = parts, loader, epoch, batches
         self.first_progress = progress  # epoch progress when this process's part of the epoch began
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=parts.device)  # finite losses only
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=parts.device)  # steps
@@ -190,12 +201,13 @@ class _Meter:
         self.nonfinite += bad
         self.steps, self.images, self.skipped = self.steps + 1, self.images + images, self.skipped + skipped
 
-    def read(self, global_step: int, weights: bool = False) -> tuple[float, float, float]:
+    def read(self, global_step: int, weights: bool = False, end: bool = False) -> tuple[float, float, float]:
         """(loss sum, non-finite steps, skipped samples) of all processes: the host sync.
 
         weights: also check that every parameter is finite (before a checkpoint: the last
         step's update can break the weights while its loss was still finite). Raises
-        NonFiniteLossError on every process alike (they all see the same sums)."""
+        NonFiniteLossError, or BadDataError past the bad-sample budget (from BAD_WINDOW
+        images on, or at the epoch ``end``), on every process alike (they all see the same sums)."""
         broken = (torch.stack([~torch.isfinite(p).all() for p in self.parts.net.parameters()]).any() if weights
                   else torch.zeros((), dtype=torch.bool, device=self.parts.device))
         skipped = torch.tensor(float(self.skipped), dtype=torch.float64, device=self.parts.device)
@@ -207,7 +219,20 @@ class _Meter:
             raise NonFiniteLossError(
                 f"non-finite {what} (NaN or inf) in epoch {self.epoch}: stopping without saving, the last good "
                 f"checkpoint is kept (lower optim.lr, or check the data)")
+        images = self.images * self.parts.world_size
+        if (end or images >= BAD_WINDOW) and skipped_all > self.parts.max_bad_fraction * images:
+            self._stop_on_bad_data(skipped_all, images)
         return loss_sum, nonfinite, skipped_all
+
+    def _stop_on_bad_data(self, bad: float, images: int) -> None:
+        per_shard: collections.Counter = collections.Counter()
+        for counts in all_gather_object(dict(self.loader.bad_shards)):
+            per_shard.update(counts)
+        worst = ", ".join(f"{os.path.basename(url)} ({n})" for url, n in per_shard.most_common(3))
+        raise BadDataError(
+            f"data.max_bad_fraction: {bad:.0f} bad samples for {images} images trained in epoch {self.epoch} "
+            f"({bad / max(images, 1):.1%}, the limit is {self.parts.max_bad_fraction:.1%}); worst shards: {worst}; "
+            "repair or remove them (the log names each bad sample), or raise data.max_bad_fraction")
 
     def log(self, global_step: int, batch: int, lr: float, progress: float, tracker: Tracker) -> None:
         loss_sum, nonfinite, _ = self.read(global_step)
@@ -225,7 +250,7 @@ class _Meter:
         tracker.log_step(global_step, {"loss": loss, "lr": lr, "images_per_s": ips, "epoch": progress})
 
     def summary(self, global_step: int, lr: float, batch: int, stopped: bool) -> EpochResult:
-        loss_sum, nonfinite, skipped = self.read(global_step, weights=True)  # train.py saves after this
+        loss_sum, nonfinite, skipped = self.read(global_step, weights=True, end=True)  # train.py saves after this
         elapsed = time.perf_counter() - self.start
         finite = self.steps * self.parts.world_size - nonfinite
         return EpochResult(train_loss=loss_sum / finite if finite else float("nan"), lr=lr,

@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import csv
 import errno
+import io
+import json
 import os
 import resource
 import shutil
 import signal
 import subprocess
+import tarfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import (REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script,
+from conftest import (DIGITS, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script,
                       run_train, subprocess_env, train_command)
 from hrnet_cls.atomic import ChecksumError, verify
+from hrnet_cls.data import build_train_loader, transforms
 from hrnet_cls.preemption import PREEMPTED_EXIT, REPEAT_S
 from hrnet_cls.run_dir import PREEMPTED as PREEMPTED_MARKER
 
@@ -170,6 +174,54 @@ def test_a_label_out_of_range_without_a_class_count_stops_training_naming_shard_
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert "train-000000.tar: sample " in line and "outside 0..2 (num_classes=3)" in line, line
     assert not list(out.glob("*.pth"))  # stopped in the first epoch, before any checkpoint
+
+
+def damaged_copy(folder: Path, every: int) -> str:
+    """TINY_RECIPE's two digits shards with every ``every``-th image of the second replaced by junk
+    bytes, with their _info.json; returns the brace pattern."""
+    folder.mkdir()
+    for n in (0, 1):
+        with tarfile.open(DIGITS / f"train-00000{n}.tar") as src, tarfile.open(folder / f"train-00000{n}.tar", "w") as dst:
+            for i, member in enumerate(m for m in src.getmembers()):
+                data = src.extractfile(member).read()
+                if n == 1 and member.name.endswith(".jpg") and (i // 2) % every == 0:
+                    data = b"\xff\xd8 not a jpeg"
+                member.size = len(data)
+                dst.addfile(member, io.BytesIO(data))
+    info = json.loads((DIGITS / "_info.json").read_text())
+    train = info["splits"]["train"]
+    train.update(filenames=train["filenames"][:2], shard_lengths=train["shard_lengths"][:2])
+    train["num_samples"] = sum(train["shard_lengths"])
+    (folder / "_info.json").write_text(json.dumps(info))
+    return str(folder / "train-{000000..000001}.tar")
+
+
+@pytest.mark.slow
+def test_past_the_bad_sample_budget_the_run_stops_naming_the_shard_and_under_it_trains_on(tmp_path) -> None:
+    shards = damaged_copy(tmp_path / "damaged", every=4)  # 45 of the second shard's 180 images
+    out = tmp_path / "run"
+    proc = run_train(tmp_path, *TINY_RECIPE, f"data.train_shards={shards}", f"checkpoint.output_dir={out}",
+                     "schedule.epochs=1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert line.startswith("train.py: error: data.max_bad_fraction: 45 bad samples for 352 images trained in epoch 0 "
+                           "(12.8%, the limit is 1.0%); worst shards: train-000001.tar (45);"), line
+    assert not list(out.glob("*.pth"))  # the epoch-end check comes before its checkpoint
+    proc = run_train(tmp_path, *TINY_RECIPE, f"data.train_shards={shards}", f"checkpoint.output_dir={tmp_path / 'ok'}",
+                     "data.max_bad_fraction=0.2", "schedule.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "ok" / "summary.csv") as f:
+        assert [row["skipped"] for row in csv.DictReader(f)] == ["45"]
+
+
+def test_an_error_in_our_own_crop_code_propagates_instead_of_replacing_samples(tmp_path, monkeypatch) -> None:
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug in crop_resize")
+    monkeypatch.setattr(transforms, "crop_resize", broken)  # the bug injected; the decoder and the loader are real
+    loader = build_train_loader(str(DIGITS / "train-{000000..000001}.tar"), batch_size=8, img_size=32, seed=0,
+                                epoch=0, workers=0)
+    with pytest.raises(ZeroDivisionError, match="a bug in crop_resize"):
+        next(iter(loader))
 
 
 # ---------------------------------------------------------------- one run per folder

@@ -22,7 +22,7 @@ from PIL import Image, ImageFile
 
 from conftest import NUM_CLASSES, epoch_batches, jpeg, same_batches, write_shards
 from hrnet_cls.data import sources, transforms
-from hrnet_cls.data.transforms import (_decode, crop_resize, draft, draft_factor, random_resized_crop_box, sample_rng,
+from hrnet_cls.data.transforms import (DecodeError, _decode, crop_resize, draft, draft_factor, random_resized_crop_box, sample_rng,
                                        train_crop, train_crop_pil, turbo_decode, turbo_header)
 
 
@@ -209,8 +209,9 @@ def test_decompression_bomb_sizes_warn_and_fail_as_in_pil(monkeypatch) -> None:
         assert torch.equal(ours, train_crop_pil(data, 64, sample_rng("bomb")))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 90_000)  # above twice it: an error
     for crop in (train_crop, train_crop_pil):
-        with pytest.raises(Image.DecompressionBombError):
+        with pytest.raises(DecodeError) as raised:  # a bad sample to the loaders: replaced and counted
             crop(data, 64, sample_rng("bomb"))
+        assert isinstance(raised.value.__cause__, Image.DecompressionBombError)
 
 
 def corrupt_scan(data: bytes) -> bytes:
@@ -236,12 +237,13 @@ DAMAGED = {
 
 
 def outcome(crop, data: bytes, rng: random.Random):
-    """The crop, or the exception type and message; plus the generator's state afterwards."""
+    """The crop, or the exception's type, its cause's type and its message; plus the generator's
+    state afterwards."""
     try:
         result = crop(data, 64, rng)
     except Exception as exc:  # noqa: BLE001 - any type PIL raises must be raised the same way
         msg = str(exc).split(" <")[0]  # UnidentifiedImageError names the BytesIO object
-        return (type(exc), msg), rng.getstate()
+        return (type(exc), type(exc.__cause__), msg), rng.getstate()
     return result, rng.getstate()
 
 
@@ -263,7 +265,7 @@ def test_a_damaged_jpeg_gives_what_pil_gives(kind: str, load_truncated: bool, mo
             assert isinstance(ours, torch.Tensor) and torch.equal(ours, pils)
         else:
             assert ours == pils
-            assert issubclass(pils[0], OSError)  # what the loaders catch and count
+            assert pils[0] is DecodeError and issubclass(pils[1], OSError)  # what the loaders catch and count
         assert ours_state == pils_state  # the same draws: PIL's box is the one simplejpeg would have cut
 
 

@@ -7,6 +7,7 @@ tar or a missing shard) are skipped, counted, and reported through rate-limited 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import json
@@ -16,7 +17,7 @@ import random
 import re
 import tarfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -210,12 +211,12 @@ def _looks_whole(path: str) -> bool:
         return False
 
 
-def checked_lengths(urls: Sequence[str]) -> tuple[list[int], int]:
-    """(samples per shard, samples listed that are not there): shard_lengths, where a local shard
+def checked_lengths(urls: Sequence[str]) -> tuple[list[int], dict[str, int]]:
+    """(samples per shard, {shard: samples listed that are not there}): shard_lengths, where a local shard
     that does not end like a whole tar (cut short, missing) is counted instead and its shortfall
     logged naming the shard. Training plans its epoch on these: planned on a listed count, the
     epoch would have to read some samples twice to fill itself."""
-    lengths, short = [], 0
+    lengths, short = [], {}
     for url, n in zip(urls, shard_lengths(urls)):
         if _is_remote(url) or _looks_whole(url):
             lengths.append(n)
@@ -224,7 +225,7 @@ def checked_lengths(urls: Sequence[str]) -> tuple[list[int], int]:
         if real < n:
             logger.warning("%s: holds %d samples, %d fewer than the _info.json lists (cut short, damaged or "
                            "missing); the epoch leaves them out", url, real, n - real)
-            short += n - real
+            short[url] = n - real
         lengths.append(min(n, real))
     return lengths, short
 
@@ -269,9 +270,20 @@ class LabelError(ValueError):
 
 @dataclass
 class SkipCounter:
-    """Bad samples skipped so far by this worker."""
+    """Bad samples skipped so far by this worker, in all and per shard."""
 
     n: int = 0
+    shards: collections.Counter = field(default_factory=collections.Counter)
+
+    def add(self, url: str, n: int = 1) -> None:
+        self.n += n
+        self.shards[url] += n
+
+    def take(self) -> tuple[int, dict[str, int]]:
+        """(count, per shard) since the last take."""
+        taken = self.n, dict(self.shards)
+        self.n, self.shards = 0, collections.Counter()
+        return taken
 
 
 def _handler(stage: str, url: str) -> Callable[[Exception], bool]:
@@ -311,7 +323,7 @@ def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter) ->
         stream = gopen(seg.url)
     except Exception as exc:  # noqa: BLE001 - a missing or unreachable shard is skipped, not fatal
         warn("%s: cannot open (%r); skipping its %d samples", seg.url, exc, seg.stop - seg.start)
-        skipped.n += seg.stop - seg.start
+        skipped.add(seg.url, seg.stop - seg.start)
         return
     seen = 0
     try:
@@ -325,7 +337,7 @@ def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter) ->
             checked = _check_sample(sample, num_classes, seg.url)
             if isinstance(checked, str):
                 warn("%s: %s; skipped", seg.url, checked)
-                skipped.n += 1
+                skipped.add(seg.url)
                 continue
             yield (*checked, seg.base + index)
     finally:
@@ -333,7 +345,7 @@ def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter) ->
             stream.close()
     if seen < seg.stop - seg.start:
         warn("%s: %d of its samples missing (truncated tar?); skipped", seg.url, seg.stop - seg.start - seen)
-        skipped.n += seg.stop - seg.start - seen
+        skipped.add(seg.url, seg.stop - seg.start - seen)
 
 
 def chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:

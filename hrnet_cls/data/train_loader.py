@@ -32,7 +32,14 @@ from hrnet_cls.data.sources import (
     shuffle_buffer,
     warn,
 )
-from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, sample_rng, train_crop
+from hrnet_cls.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    DecodeError,
+    Normalizer,
+    sample_rng,
+    train_crop,
+)
 from hrnet_cls.data.workers import check_common, iterate, stop_workers
 
 logger = logging.getLogger(__name__)
@@ -65,7 +72,8 @@ class TrainPlan:
     ratio: tuple[float, float]
     hflip: float
     exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
-    short: int = 0  # samples the _info.json lists that the shards lack: skipped, charged to rank 0's batch 0
+    short: tuple[tuple[str, int], ...] = ()  # (shard, samples its _info.json lists that it lacks): skipped,
+    # charged to rank 0's batch 0
 
     @property
     def samples(self) -> int:
@@ -114,6 +122,10 @@ class TrainPlan:
         sample_rng(self.seed, self.epoch, "shards").shuffle(order)
         return order
 
+    def shard_of(self, position: int) -> str:
+        """The shard holding ``position`` of the epoch's sequence."""
+        return next(s.url for s in _segments(self, position, position + 1))
+
 
 def _segments(plan: TrainPlan, start: int, stop: int) -> Iterator[Segment]:
     """The shard stretches holding positions [start, stop) of the epoch's sequence, in order."""
@@ -153,8 +165,10 @@ def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[R
         yield f"{key}#{n + 1}", data, target, -1
 
 
-def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Normalizer) -> TrainBatch:
-    """(images (B, 3, S, S) float32, targets (B,) int64, images that failed to decode, positions (B,))."""
+def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
+                        normalize: Normalizer) -> tuple[torch.Tensor, torch.Tensor, list[int], np.ndarray]:
+    """(images (B, 3, S, S) float32, targets (B,) int64, positions of the images that failed to
+    decode, positions (B,)). Only DecodeError is caught: any other error is a bug and propagates."""
     images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size)
     targets = torch.tensor([raw[2] for raw in chunk], dtype=torch.int64)
     positions = np.array([raw[3] for raw in chunk], dtype=np.int64)
@@ -164,8 +178,8 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Norm
         try:
             normalize(train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw), images[i])
             good.append(i)
-        except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-            warn("sample %s: image does not decode (%r); replaced by another of its batch", key, exc)
+        except DecodeError as exc:
+            warn("sample %s: %s; replaced by another of its batch", key, exc)
             failed.append(i)
     for n, i in enumerate(failed):
         if not good:  # the whole batch is undecodable: black images keep the batch shape
@@ -175,7 +189,7 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, normalize: Norm
         rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
         normalize(train_crop(data, plan.img_size, rng, **kw), images[i])
         targets[i] = target
-    return images, targets, int((positions[failed] >= 0).sum()), positions  # a fill-in's donor counted already
+    return images, targets, [int(p) for p in positions[failed] if p >= 0], positions  # a fill-in's donor: counted
 
 
 def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
@@ -185,18 +199,20 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
     stream = shuffle_buffer(_slot_stream(plan, slot, skipped), plan.buffer, rng)
     normalize = Normalizer(plan.mean, plan.std)
     first = max(0, -(-(plan.start_batch - slot) // plan.slots))  # local batches before start_batch
-    reported = 0
+    if slot == 0 and plan.rank == 0 and not plan.exclude:
+        for url, n in plan.short:  # charged to the epoch's batch 0, once over all ranks
+            skipped.add(url, n)
     for local, chunk in enumerate(chunks(stream, plan.batch_size)):
         # skips are charged to the batch whose reading met them: the same with or without resume
-        new_skips, reported = skipped.n - reported, skipped.n
-        if local == 0 and slot == 0 and plan.rank == 0 and not plan.exclude:
-            new_skips += plan.short  # the epoch's batch 0, once over all ranks
+        new_skips, by_shard = skipped.take()
         if local < first:
             continue  # cut from raw bytes, never decoded
         images, targets, failed, positions = _decode_train_batch(chunk, plan, normalize)
+        for position in failed:
+            by_shard[plan.shard_of(position)] = by_shard.get(plan.shard_of(position), 0) + 1
         # as bytes: a DataLoader would make an array a tensor; kept out of torch, the training loop reads
-        # no tensor per step (bench/train.py counts every such read)
-        yield local * plan.slots + slot, (images, targets, new_skips + failed, positions.tobytes())
+        # no tensor per step (benchmarks/train.py counts every such read)
+        yield local * plan.slots + slot, (images, targets, new_skips + len(failed), positions.tobytes(), by_shard)
 
 
 class _TrainStream(IterableDataset):
@@ -223,6 +239,7 @@ class TrainLoader:
     def __init__(self, plan: TrainPlan, workers: int, pin_memory: bool = False) -> None:
         self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
         self.consumed = plan.excluded()
+        self.bad_shards: collections.Counter = collections.Counter()  # bad samples per shard, handed out so far
 
     @property
     def batches_per_epoch(self) -> int:
@@ -240,6 +257,7 @@ class TrainLoader:
             raise ValueError("a remainder plan (exclude=...) starts at its batch 0")
         self.plan = dataclasses.replace(plan, start_batch=start_batch)
         self.consumed = plan.excluded() if consumed is None else consumed.copy()
+        self.bad_shards.clear()
 
     def progress(self, batch: int) -> tuple[float, float]:
         """(epoch progress before, after) rank batch ``batch`` of this plan: epoch + the fraction
@@ -299,8 +317,9 @@ class TrainLoader:
             for index, batch in batches:
                 held[index] = batch
                 while expected in held:  # the round robin already yields in order; this guards it
-                    images, targets, skipped, packed = held.pop(expected)
+                    images, targets, skipped, packed, by_shard = held.pop(expected)
                     positions = np.frombuffer(packed, dtype=np.int64)
+                    self.bad_shards.update(by_shard)
                     self.consumed[positions[positions >= 0]] = True  # -1: a fill-in (plan.reads)
                     yield images, targets, int(skipped), positions
                     expected += 1
@@ -335,7 +354,7 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     lengths, short = checked_lengths(shard_urls)
     plan = TrainPlan(tuple(shard_urls), tuple(lengths), batch_size, img_size, seed, epoch, rank, world_size,
                      max(1, workers), start_batch, max(1, shuffle_buffer), num_classes_of(info, num_classes),
-                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, short=short)
+                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, short=tuple(short.items()))
     if plan.batches == 0:
         raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
                          f"on each of {world_size} process(es); lower the batch size")

@@ -26,6 +26,7 @@ a sample does not depend on worker count or timing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import math
@@ -43,14 +44,31 @@ try:
 except ImportError:  # pragma: no cover - a platform without its wheel: PIL decodes every image
     simplejpeg = None
 
-__all__ = ["IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "draft_factor", "eval_crop", "eval_resize",
-           "random_resized_crop_box", "sample_rng", "train_crop"]
+__all__ = ["DecodeError", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "draft_factor", "eval_crop",
+           "eval_resize", "random_resized_crop_box", "sample_rng", "train_crop"]
 
 INTERPOLATIONS = ("bilinear", "bicubic")
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # timm's str_to_interp_mode, for PIL
 _DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg performs while decoding
 # JPEG colour spaces simplejpeg turns into PIL's RGB pixels; CMYK / YCCK go through PIL's own conversion
 _TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
+# what PIL raises for bytes it cannot read: UnidentifiedImageError and truncation are OSErrors; a broken
+# PNG chunk is a SyntaxError; a bad tile or mode a ValueError; an oversized image DecompressionBombError
+_BAD_BYTES = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class DecodeError(Exception):
+    """The bytes are not an image PIL can decode (the only failure the loaders replace or skip:
+    an error of our own crop, resize or normalise code propagates as the bug it is)."""
+
+
+@contextlib.contextmanager
+def _decoding():
+    """Around PIL's open and load calls only: their bad-bytes errors become DecodeError."""
+    try:
+        yield
+    except _BAD_BYTES as exc:
+        raise DecodeError(f"image does not decode ({exc!r})") from exc
 
 
 def sample_rng(*parts: object) -> random.Random:
@@ -230,10 +248,12 @@ def train_crop_pil(data: bytes, size: int, rng: random.Random, *, scale: tuple[f
                    ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                    interpolation: str = "bilinear") -> torch.Tensor:
     """train_crop with PIL decoding every image."""
-    img = Image.open(io.BytesIO(data))
+    with _decoding():
+        img = Image.open(io.BytesIO(data))
     box = random_resized_crop_box(img.width, img.height, rng, scale, ratio)
     flip = rng.random() < hflip
-    pixels, factor = _decode(img, min(box[2], box[3]) / size)
+    with _decoding():
+        pixels, factor = _decode(img, min(box[2], box[3]) / size)
     return crop_resize(pixels, factor, box, flip, size, interpolation)
 
 
@@ -251,8 +271,8 @@ def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bili
     (torch's antialiased uint8 interpolate differs from it by up to 2 levels in ~0.6% of
     pixels, measured).
     """
-    img = Image.open(io.BytesIO(data))
-    pixels, _ = _decode(img, keep=1.0)  # full scale
+    with _decoding():
+        pixels, _ = _decode(Image.open(io.BytesIO(data)), keep=1.0)  # full scale
     height, width = pixels.shape[:2]
     # output size as torchvision's Resize(int): shorter side = resize, longer side truncated
     if width <= height:

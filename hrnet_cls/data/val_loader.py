@@ -9,7 +9,14 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from hrnet_cls.data.sources import Segment, SkipCounter, expand_urls, num_classes_of, read_info, read_segment
 from hrnet_cls.data.sources import shard_lengths, warn
-from hrnet_cls.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Normalizer, eval_crop, eval_resize
+from hrnet_cls.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    DecodeError,
+    Normalizer,
+    eval_crop,
+    eval_resize,
+)
 from hrnet_cls.data.workers import check_common, iterate, stop_workers
 
 
@@ -57,9 +64,9 @@ def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, 
         for key, data, target, _ in read_segment(seg, plan.num_classes, skipped):
             try:
                 pixels = eval_crop(data, plan.img_size, plan.resize, interpolation=plan.interpolation)
-            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad bytes
-                warn("sample %s: image does not decode (%r); skipped", key, exc)
-                skipped.n += 1
+            except DecodeError as exc:
+                warn("%s: sample %s: %s; skipped", seg.url, key, exc)
+                skipped.add(seg.url)
                 continue
             normalize(pixels, images[len(targets)])
             targets.append(target)
