@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (DIGITS, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset, load_script,
-                      run_train, subprocess_env, train_command)
+from conftest import (DIGITS, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH as STEPS, digits_subset,
+                      load_script, run_train, subprocess_env, train_command)
 from hrnet_cls.atomic import ChecksumError, verify
 from hrnet_cls.data import build_train_loader, transforms
 from hrnet_cls.preemption import PREEMPTED_EXIT, REPEAT_S
@@ -158,7 +158,8 @@ def test_sigusr1_to_every_rank_then_two_processes_continue_a_one_process_run(tmp
 
 def test_num_classes_below_the_datasets_is_an_error_before_anything_is_written(tmp_path, capsys) -> None:
     out = tmp_path / "never"
-    assert train_script.main(["--config", "demo_digits.yaml", f"checkpoint.output_dir={out}", "model.num_classes=5"]) == 2
+    argv = ["--config", "demo_digits.yaml", f"checkpoint.output_dir={out}", "model.num_classes=5"]
+    assert train_script.main(argv) == 2
     (message,) = capsys.readouterr().err.strip().splitlines()
     assert "model.num_classes=5, but the _info.json of data.train_shards lists 10 classes" in message
     assert not out.exists()
@@ -181,7 +182,8 @@ def damaged_copy(folder: Path, every: int) -> str:
     bytes, with their _info.json; returns the brace pattern."""
     folder.mkdir()
     for n in (0, 1):
-        with tarfile.open(DIGITS / f"train-00000{n}.tar") as src, tarfile.open(folder / f"train-00000{n}.tar", "w") as dst:
+        with tarfile.open(DIGITS / f"train-00000{n}.tar") as src, \
+                tarfile.open(folder / f"train-00000{n}.tar", "w") as dst:
             for i, member in enumerate(m for m in src.getmembers()):
                 data = src.extractfile(member).read()
                 if n == 1 and member.name.endswith(".jpg") and (i // 2) % every == 0:

@@ -22,8 +22,8 @@ from PIL import Image, ImageFile
 
 from conftest import NUM_CLASSES, epoch_batches, jpeg, same_batches, write_shards
 from hrnet_cls.data import sources, transforms
-from hrnet_cls.data.transforms import (DecodeError, _decode, crop_resize, draft, draft_factor, random_resized_crop_box, sample_rng,
-                                       train_crop, train_crop_pil, turbo_decode, turbo_header)
+from hrnet_cls.data.transforms import (DecodeError, _decode, crop_resize, draft, draft_factor, random_resized_crop_box,
+                                       sample_rng, train_crop, train_crop_pil, turbo_decode, turbo_header)
 
 
 

@@ -354,7 +354,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     lengths, short = checked_lengths(shard_urls)
     plan = TrainPlan(tuple(shard_urls), tuple(lengths), batch_size, img_size, seed, epoch, rank, world_size,
                      max(1, workers), start_batch, max(1, shuffle_buffer), num_classes_of(info, num_classes),
-                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, short=tuple(short.items()))
+                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip,
+                     short=tuple(short.items()))
     if plan.batches == 0:
         raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
                          f"on each of {world_size} process(es); lower the batch size")
