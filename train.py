@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_di
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
 from hrnet_cls.data.sources import info_num_classes
 from hrnet_cls.distributed import DistInfo, all_gather_object, barrier, broadcast_buffers, cleanup, init_distributed
-from hrnet_cls.engine import BadDataError, NonFiniteLossError, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.engine import BadDataError, EpochSums, NonFiniteLossError, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.errors import one_line, os_error_line
 from hrnet_cls.evaluation import evaluate
 from hrnet_cls.precision import Precision
@@ -122,9 +123,9 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
 
 
 def save(parts: TrainParts, run: RunDir, cfg: Config, loader: TrainLoader, epoch: int, batch_in_epoch: int,
-         step: int, metrics: dict | None = None, metric: float | None = None) -> None:
+         step: int, metrics: dict | None = None, metric: float | None = None, sums: EpochSums | None = None) -> None:
     """Collective: every rank adds its RNG state and the samples it trained on this epoch;
-    rank 0 writes last.pth (+ epoch/best) atomically."""
+    rank 0 writes last.pth (+ epoch/best) atomically. Mid-epoch, ``sums`` are the epoch's totals."""
     mine = (capture_rng(), np.packbits(loader.consumed) if batch_in_epoch else None)
     gathered = all_gather_object(mine)
     if not run.is_main:
@@ -135,7 +136,8 @@ def save(parts: TrainParts, run: RunDir, cfg: Config, loader: TrainLoader, epoch
     state = build_state(model=parts.net, optimizer=parts.optimizer, epoch=epoch, step=step,
                         batch_in_epoch=batch_in_epoch, config=config_to_dict(cfg), metrics=metrics,
                         model_ema=parts.ema.module, scaler=parts.scaler, rng=[g[0] for g in gathered],
-                        data=loader.state(consumed.astype(bool) if consumed is not None else None))
+                        data=loader.state(consumed.astype(bool) if consumed is not None else None),
+                        epoch_sums=asdict(sums) if sums and batch_in_epoch else None)
     run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
 
 
@@ -154,19 +156,20 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
     step, last = position.step, position.metrics
     checkpoint = functools.partial(save, parts, run, cfg, train_loader)
     for epoch in range(position.epoch, cfg.schedule.epochs):
-        start = time.perf_counter()
         if epoch != position.epoch:
             train_loader.set_epoch(epoch)
+        carried = position.epoch_sums if epoch == position.epoch and position.batch_in_epoch else None
         trained = train_one_epoch(parts, train_loader, epoch=epoch, global_step=step, tracker=tracker,
-                                  save=checkpoint, stop=stop)
+                                  save=checkpoint, stop=stop, carried=EpochSums(**carried) if carried else None)
         step = trained.step
         if trained.stopped:
-            checkpoint(epoch, trained.batch, step, metrics=last)
+            checkpoint(epoch, trained.batch, step, metrics=last, sums=trained.sums)
             preempted(run, f"epoch {epoch}, batch {trained.batch}, step {step}")
         due = (epoch + 1) % cfg.train.val_interval == 0 or epoch + 1 == cfg.schedule.epochs
+        start = time.perf_counter()
         val = validate(parts, val_loader) if due else {}
         last = val or last
-        row = {**trained.metrics(), **val, "epoch_time_s": time.perf_counter() - start,
+        row = {**trained.metrics(), **val, "epoch_time_s": trained.train_time_s + time.perf_counter() - start,
                "skipped": trained.skipped + val.get("val_skipped", 0)}
         tracker.log_epoch(epoch, row)  # before the save: a resume from it keeps this row
         logger.info("epoch %d/%d done: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%%s  lr %.4g  "
@@ -205,7 +208,7 @@ def train(cfg: Config, info: DistInfo, precision: Precision, run: RunDir, start:
     parts = build_parts(cfg, info, net, precision)
     position = restore(state, cfg, info, parts, train_loader)
     run.write_config(cfg)
-    tracker = Tracker(cfg, run, start_epoch=position.epoch)
+    tracker = Tracker(cfg, run, start_epoch=position.epoch, resuming=state is not None)
     try:
         logger.info("%d epochs x %d steps of %d x %d images, precision %s", cfg.schedule.epochs,
                     train_loader.batches_per_epoch, d.batch_size, info.world_size, precision.name)

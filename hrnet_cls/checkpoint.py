@@ -111,6 +111,7 @@ def build_state(
     scaler: torch.amp.GradScaler | None = None,
     rng: list[dict[str, Any]] | None = None,
     data: dict[str, Any] | None = None,
+    epoch_sums: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint dict described in the module docstring.
 
@@ -134,6 +135,7 @@ def build_state(
         "git_commit": git_commit(),
         "metrics": dict(metrics or {}),
         "data": data,
+        "epoch_sums": dict(epoch_sums) if epoch_sums else None,
     }
 
 

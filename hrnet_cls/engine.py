@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from datetime import timedelta
 from typing import Any, Callable, Iterable, Iterator
 
@@ -39,7 +39,7 @@ from hrnet_cls.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, int, Any]  # images (B,3,H,W), targets (B,), skipped, positions (B,)
-SaveFn = Callable[[int, int, int], None]  # save(epoch, batch_in_epoch, global_step); a collective
+SaveFn = Callable[..., None]  # save(epoch, batch_in_epoch, global_step, sums=EpochSums); a collective
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,6 +77,22 @@ class TrainParts:
 
 
 @dataclass(frozen=True)
+class EpochSums:
+    """An epoch's running totals over every process: a mid-epoch checkpoint carries them, so
+    the epoch's row after a resume covers the whole epoch, as without the interruption."""
+
+    loss_sum: float = 0.0  # of the finite per-process step losses
+    losses: int = 0  # per-process step losses (steps x processes)
+    nonfinite: int = 0  # of those, NaN / inf
+    images: int = 0
+    skipped: int = 0
+    time_s: float = 0.0  # training time
+
+    def __add__(self, other: EpochSums) -> EpochSums:
+        return EpochSums(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
 class EpochResult:
     """What train_one_epoch did, summed over every process."""
 
@@ -84,15 +100,17 @@ class EpochResult:
     lr: float  # of the last step
     images_per_s: float
     train_time_s: float
+    train_images: int  # images trained on, all processes
     skipped: int  # bad samples replaced by the data pipeline
     nonfinite: int  # steps with a NaN / inf loss
     step: int  # global optimizer steps after the epoch (or the stop)
     batch: int  # batches of the loader's plan done
     stopped: bool  # a stop signal ended the epoch early, at a step boundary every process agreed on
+    sums: EpochSums  # the totals these figures come from (what a stop's checkpoint carries)
 
     def metrics(self) -> dict[str, float]:
-        """The numbers of an epoch's summary row (batch and stopped are positions, not metrics)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch", "stopped")}
+        """The numbers of an epoch's summary row (batch, stopped and sums are not metrics)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("batch", "stopped", "sums")}
 
 
 def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision) -> TrainParts:
@@ -118,9 +136,10 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
-                    tracker: Tracker, save: SaveFn, stop: StopRequest) -> EpochResult:
+                    tracker: Tracker, save: SaveFn, stop: StopRequest, carried: EpochSums | None = None) -> EpochResult:
     """Train on the loader's remaining batches of ``epoch`` (0-based); ``global_step`` =
-    optimizer steps taken before them. Every process must call it with equal loaders.
+    optimizer steps taken before them; ``carried``: the epoch's totals before a resume.
+    Every process must call it with equal loaders.
 
     Stops early, at the same step boundary on every process, when ``stop`` says so (a
     preemption signal); ``batch`` in the result then says how far the epoch got.
@@ -128,7 +147,7 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     parts.model.train()
     batches = loader.batches_per_epoch
     batch = batches - len(loader)  # batches of this epoch trained before a resume
-    meter = _Meter(parts, loader, epoch, batches, loader.progress(batch)[0])
+    meter = _Meter(parts, loader, epoch, batches, loader.progress(batch)[0], carried or EpochSums())
     stopped = False
     for batch, (images, targets, skipped, _) in enumerate(_iterate(loader), start=batch + 1):
         start, end = loader.progress(batch - 1)  # epoch progress in samples: the same on any world size
@@ -142,8 +161,8 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
             stopped = True
             break
         if _due(global_step, parts.save_interval) and batch < batches:  # the epoch end saves after validation
-            meter.read(global_step, weights=True)  # raises on a NaN / inf before anything is written
-            save(epoch, batch, global_step)
+            sums = meter.totals(global_step)  # raises on a NaN / inf before anything is written
+            save(epoch, batch, global_step, sums=sums)
     return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)
 
 
@@ -186,8 +205,10 @@ def _iterate(loader: Iterable[Batch]) -> Iterator[Batch]:
 class _Meter:
     """Device-side sums of one epoch, read on the host only at log and save points."""
 
-    def __init__(self, parts: TrainParts, loader: TrainLoader, epoch: int, batches: int, progress: float):
+    def __init__(self, parts: TrainParts, loader: TrainLoader, epoch: int, batches: int, progress: float,
+                 carried: EpochSums):
         self.parts, self.loader, self.epoch, self.batches = parts, loader, epoch, batches
+        self.carried = carried  # the epoch's totals before this process's part of it (a resume)
         self.first_progress = progress  # epoch progress when this process's part of the epoch began
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=parts.device)  # finite losses only
         self.nonfinite = torch.zeros((), dtype=torch.float64, device=parts.device)  # steps
@@ -202,7 +223,8 @@ class _Meter:
         self.steps, self.images, self.skipped = self.steps + 1, self.images + images, self.skipped + skipped
 
     def read(self, global_step: int, weights: bool = False, end: bool = False) -> tuple[float, float, float]:
-        """(loss sum, non-finite steps, skipped samples) of all processes: the host sync.
+        """(loss sum, non-finite steps, skipped samples) of all processes since this part of
+        the epoch began: the host sync.
 
         weights: also check that every parameter is finite (before a checkpoint: the last
         step's update can break the weights while its loss was still finite). Raises
@@ -219,10 +241,17 @@ class _Meter:
             raise NonFiniteLossError(
                 f"non-finite {what} (NaN or inf) in epoch {self.epoch}: stopping without saving, the last good "
                 f"checkpoint is kept (lower optim.lr, or check the data)")
-        images = self.images * self.parts.world_size
-        if (end or images >= BAD_WINDOW) and skipped_all > self.parts.max_bad_fraction * images:
-            self._stop_on_bad_data(skipped_all, images)
+        images, bad = self.carried.images + self.images * self.parts.world_size, self.carried.skipped + skipped_all
+        if (end or images >= BAD_WINDOW) and bad > self.parts.max_bad_fraction * images:
+            self._stop_on_bad_data(bad, images)
         return loss_sum, nonfinite, skipped_all
+
+    def totals(self, global_step: int, end: bool = False) -> EpochSums:
+        """The epoch's totals so far (carried + this part), weights checked: before any save."""
+        loss_sum, nonfinite, skipped = self.read(global_step, weights=True, end=end)
+        world = self.parts.world_size
+        return self.carried + EpochSums(loss_sum, self.steps * world, int(nonfinite), self.images * world,
+                                        int(skipped), time.perf_counter() - self.start)
 
     def _stop_on_bad_data(self, bad: float, images: int) -> None:
         per_shard: collections.Counter = collections.Counter()
@@ -250,10 +279,10 @@ class _Meter:
         tracker.log_step(global_step, {"loss": loss, "lr": lr, "images_per_s": ips, "epoch": progress})
 
     def summary(self, global_step: int, lr: float, batch: int, stopped: bool) -> EpochResult:
-        loss_sum, nonfinite, skipped = self.read(global_step, weights=True, end=True)  # train.py saves after this
-        elapsed = time.perf_counter() - self.start
-        finite = self.steps * self.parts.world_size - nonfinite
-        return EpochResult(train_loss=loss_sum / finite if finite else float("nan"), lr=lr,
-                           images_per_s=self.images * self.parts.world_size / max(elapsed, 1e-9),
-                           train_time_s=elapsed, skipped=int(skipped), nonfinite=int(nonfinite), step=global_step,
-                           batch=batch, stopped=stopped)
+        sums = self.totals(global_step, end=not stopped)  # train.py saves after this
+        finite = sums.losses - sums.nonfinite
+        return EpochResult(train_loss=sums.loss_sum / finite if finite else float("nan"), lr=lr,
+                           images_per_s=sums.images / max(sums.time_s, 1e-9), train_time_s=sums.time_s,
+                           train_images=sums.images,
+                           skipped=sums.skipped, nonfinite=sums.nonfinite, step=global_step, batch=batch,
+                           stopped=stopped, sums=sums)

@@ -41,13 +41,14 @@ class Position:
     metrics: dict[str, float] = field(default_factory=dict)  # the latest validation metrics
     best_metric: float | None = None  # best val top-1 so far
     data: dict[str, Any] | None = None  # TrainLoader.state(): layout and the samples trained on
+    epoch_sums: dict[str, float] | None = None  # engine.EpochSums of the stopped epoch (None at an epoch end)
 
     @classmethod
     def of(cls, state: Mapping[str, Any]) -> Position:
         """The position stored in a checkpoint dict (hrnet_cls.checkpoint.build_state)."""
         return cls(epoch=int(state["epoch"]), step=int(state["step"]), batch_in_epoch=int(state["batch_in_epoch"]),
                    metrics=dict(state.get("metrics") or {}), best_metric=state.get("best_metric"),
-                   data=state.get("data"))
+                   data=state.get("data"), epoch_sums=state.get("epoch_sums"))
 
 
 def restore(state: Mapping[str, Any] | None, cfg: Config, info: DistInfo, parts: Any,

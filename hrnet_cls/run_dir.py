@@ -9,6 +9,7 @@ Every name in the folder is chosen here and nowhere else:
     best.pth            copy of last.pth when val top-1 improved
     summary.csv         one row per epoch (hrnet_cls.tracking writes the rows)
     PREEMPTED           left after a stop signal's save; the next start removes it
+    wandb_run_id        the id of the run's W&B run: a resumed run logs to the same one
     wandb/              W&B's local run files (unless WANDB_DIR says elsewhere)
 
 Each ``.pth`` has its ``NAME.sha256`` beside it, and an interrupted write leaves a temp file
@@ -21,11 +22,12 @@ refused); every rank learns the outcome. Only rank 0 writes here.
 from __future__ import annotations
 
 import logging
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps
+from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, write_atomic
 from hrnet_cls.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from hrnet_cls.config import Config, save_config
 from hrnet_cls.distributed import broadcast_object
@@ -42,6 +44,7 @@ BEST = "best.pth"
 EPOCH_GLOB = "epoch_[0-9]*.pth"
 SUMMARY = "summary.csv"
 PREEMPTED = "PREEMPTED"
+WANDB_ID = "wandb_run_id"
 
 __all__ = ["RunDir", "RunDirError", "Start"]
 
@@ -213,6 +216,16 @@ class RunDir:
         """The resolved recipe, written once, before the first checkpoint."""
         if self.is_main:
             save_config(cfg, self.path / CONFIG)
+
+    def wandb_run_id(self, resuming: bool) -> str:
+        """The id of this run's W&B run. Resuming, the one in the folder (a resumed run continues
+        its W&B run); otherwise, or when there is none, a new one, written down first."""
+        path = self.path / WANDB_ID
+        if resuming and path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        run_id = secrets.token_hex(4)  # 8 lowercase characters, as wandb's own ids
+        write_atomic(path, f"{run_id}\n")
+        return run_id
 
     def mark_preempted(self, where: str) -> None:
         """The marker a batch script tells a preemption from a crash by (torchrun reports any

@@ -41,6 +41,7 @@ SUMMARY_COLUMNS = (
     "epoch_time_s",  # wall time of training + validation, seconds
     "images_per_s",  # training throughput over all ranks, images per second
     "skipped",  # samples skipped by the data pipeline (unreadable images)
+    "train_images",  # images trained on in the epoch, all processes (across a resume: the whole epoch)
 )
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 _CHECK_OVERHEAD_S = 10.0  # beyond connect_timeout_s, for the check's own start (importing wandb: ~0.5 s)
@@ -145,12 +146,12 @@ class Tracker:
 
     start_epoch: the epoch a resumed run restarts at (checkpoint["epoch"]); rows of
     summary.csv from that epoch on are dropped, earlier ones kept. 0 starts a new file.
-    A resumed run is a new W&B run with the same name.
+    resuming: the run continues a checkpoint, and its W&B run (the id in the run folder).
     Online, the server must verify the API key within connect_timeout_s and wandb.init
     finish within init_timeout_s; otherwise training goes on without W&B.
     """
 
-    def __init__(self, cfg: Config, run_dir: RunDir, start_epoch: int = 0,
+    def __init__(self, cfg: Config, run_dir: RunDir, start_epoch: int = 0, resuming: bool = False,
                  connect_timeout_s: float = 3.0, init_timeout_s: float = 30.0):
         self.enabled = run_dir.is_main
         self.run: Any = None  # the wandb Run, or None without W&B
@@ -162,7 +163,7 @@ class Tracker:
         self._start_summary(start_epoch)
         mode = resolve_wandb_mode(cfg.wandb, connect_timeout_s)
         if mode != "disabled":
-            self.run = _init_wandb(cfg, run_dir.path, mode, init_timeout_s)
+            self.run = _init_wandb(cfg, run_dir.path, mode, init_timeout_s, run_dir.wandb_run_id(resuming))
 
     def _start_summary(self, start_epoch: int) -> None:
         kept: list[dict[str, str]] = []
@@ -222,8 +223,9 @@ def _bounded_teardown(timeout_s: float = 10.0) -> None:
     thread.join(timeout_s)
 
 
-def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float) -> Any:
-    """wandb.init in an already-decided mode; on failure warn once and return None."""
+def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float, run_id: str) -> Any:
+    """wandb.init of run ``run_id`` (continued if it exists) in an already-decided mode; on
+    failure warn once and return None."""
     import wandb
 
     if mode == "online":
@@ -233,6 +235,7 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
     try:
         run = wandb.init(
             project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=name, tags=list(cfg.wandb.tags),
+            id=run_id, resume="allow",
             config=config_to_dict(cfg), mode=mode,
             # WANDB_DIR, when set, chooses where run files go; else next to the checkpoints
             dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
@@ -248,5 +251,5 @@ def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float)
     run.define_metric("epoch")
     run.define_metric("epoch/*", step_metric="epoch")
     run.define_metric("epoch/val_top1", step_metric="epoch", summary="max")
-    logger.info("W&B run %r (%s) in %s", name, mode, run.dir)
+    logger.info("W&B run %r (id %s, %s) in %s", name, run_id, mode, run.dir)
     return run

@@ -171,14 +171,27 @@ def _items_to_dict(items) -> dict:
     return {(item.key or ".".join(item.nested_key)): json.loads(item.value_json) for item in items}
 
 
+def read_offline_runs(wandb_dir: Path) -> list[dict]:
+    """Id, name, config, tags and history of each offline W&B run process under wandb_dir, oldest first
+    (a resumed run writes a second folder under the same id). A process killed with its W&B
+    service leaves a file with no records: its id is in the file name, and nothing else."""
+    out = []
+    for run_file in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):  # the folders start with a time
+        records = read_wandb_records(run_file)
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        history = [_items_to_dict(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
+        run = {"id": run_file.stem.removeprefix("run-"), "history": history}
+        if runs:
+            assert runs[0].run_id == run["id"]
+            run.update(name=runs[0].display_name, config=_items_to_dict(runs[0].config.update), tags=list(runs[0].tags))
+        out.append(run)
+    return out
+
+
 def read_offline_run(wandb_dir: Path) -> dict:
-    """Name, config, tags and history of the one offline W&B run under wandb_dir."""
-    (run_file,) = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
-    records = read_wandb_records(run_file)
-    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    history = [_items_to_dict(r.history.item) for r in records if r.WhichOneof("record_type") == "history"]
-    return {"name": runs[0].display_name, "config": _items_to_dict(runs[0].config.update),
-            "tags": list(runs[0].tags), "history": history}
+    """read_offline_runs of a folder that holds exactly one."""
+    (run,) = read_offline_runs(wandb_dir)
+    return run
 
 
 @pytest.fixture(scope="module")

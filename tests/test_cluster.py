@@ -75,7 +75,7 @@ def whole(whole_run) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
-def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_path, whole, sig) -> None:
+def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_path, whole, whole_run, sig) -> None:
     out = tmp_path / "run"
     proc, log = start(tmp_path, out)
     wait_for(proc, log, "epoch 1/2  batch 2/11")
@@ -94,6 +94,9 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at epoch 1, batch {state['batch_in_epoch']}, step {state['step']}" in resumed.stderr
     assert same_training_state(load(out / "last.pth"), whole) and not (out / PREEMPTED_MARKER).exists()
+    rows = [[(r["train_images"], round(float(r["train_loss"]), 4)) for r in csv.DictReader(open(run / "summary.csv"))]
+            for run in (whole_run, out)]
+    assert rows[0] == rows[1]  # the stopped epoch's row covers all of it
 
 
 @pytest.mark.slow

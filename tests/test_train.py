@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import (DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH,
-                      digits_subset, load_script, read_offline_run, run_train, subprocess_env)
+                      digits_subset, load_script, read_offline_run, read_offline_runs, run_train, subprocess_env)
 from hrnet_cls.config import load_config
 
 train_script = load_script("train.py")
@@ -179,7 +179,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> 
     common = [*RESUME_RECIPE, "checkpoint.save_interval=3", "train.log_interval=5"]
     killed = tmp_path / "killed"
     cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
-    victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path), stdout=subprocess.DEVNULL,
+    victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path, wandb="offline"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (killed / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
@@ -190,9 +190,23 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> 
     state = load(killed / "last.pth")
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < STEPS_PER_EPOCH  # killed mid-epoch
 
-    proc = train(tmp_path, *common, f"checkpoint.output_dir={killed}", "checkpoint.resume=auto")
+    proc = train(tmp_path, *common, f"checkpoint.output_dir={killed}", "checkpoint.resume=auto", wandb="offline")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"batch {state['batch_in_epoch']}, step {state['step']}" in proc.stderr
+
+    # the epoch rows cover whole epochs, the interrupted one included: the checkpoint carried its sums
+    for whole, resumed in zip(summary(whole_run), summary(killed), strict=True):
+        assert resumed["train_images"] == whole["train_images"] == str(STEPS_PER_EPOCH * 32)
+        assert float(resumed["train_loss"]) == pytest.approx(float(whole["train_loss"]), rel=1e-5)
+        assert resumed["skipped"] == whole["skipped"] and resumed["step"] == whole["step"]
+    # one W&B run: the resumed process continues the killed one's id (whose W&B service died with it,
+    # its records unwritten), its steps after the checkpoint's
+    first, second = read_offline_runs(tmp_path)
+    assert first["id"] == second["id"] == (killed / "wandb_run_id").read_text().strip()
+    logged = [h["train/step"] for h in second["history"] if "train/step" in h]  # every 5 steps, from the checkpoint's
+    assert logged == list(range(state["step"] // 5 * 5 + 5, 2 * STEPS_PER_EPOCH + 1, 5))
+    assert [h["epoch"] for h in second["history"] if "epoch/train_loss" in h] == [0, 1]
+    assert second["history"][-1]["epoch/train_images"] == STEPS_PER_EPOCH * 32
 
     a, b = load(whole_run / "last.pth"), load(killed / "last.pth")
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 2 * STEPS_PER_EPOCH)
