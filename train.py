@@ -247,8 +247,8 @@ def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRe
                                 "command to continue")
     except LabelError as e:
         return 1, f"train.py: error: {e.reason}"
-    except BadDataError as e:
-        return 1, f"train.py: error: {e}"
+    except BadDataError as e:  # raised on every rank alike: rank 0 says it
+        return 1, f"train.py: error: {e}" if info.is_main else ""
     except OSError as e:  # a full disk, a read-only or vanished file system while saving
         kept = run.checkpoints()
         return 1, (f"train.py: error: {os_error_line(e, 'cannot write')}; " + (
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.restore()
         cleanup()
-    if info.is_main or status == 1:  # status 1 may be one rank's own (a bad label in its shard, a lost peer)
+    if line and (info.is_main or status == 1):  # status 1 may be one rank's own (a bad label in its shard, a lost peer)
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
     return status
 
