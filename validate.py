@@ -27,8 +27,8 @@ import torch
 from hrnet_cls.data import expand_urls
 from hrnet_cls.distributed import barrier, cleanup, init_distributed
 from hrnet_cls.precision import PRECISIONS, Precision
-from hrnet_cls.validation import (Row, SweepError, SweepSettings, build_rows, checkpoint_specs, describe_all,
-                                  expected_samples, format_table, model_specs, run_sweep, write_results)
+from hrnet_cls.validation import (RESULT_FORMATS, Row, SweepError, SweepSettings, build_rows, checkpoint_specs,
+                                  describe_all, expected_samples, format_table, model_specs, run_sweep, write_results)
 
 logger = logging.getLogger("validate")
 
@@ -66,7 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="e.g. cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--max-models-per-pass", type=int, default=0, metavar="N",
                    help="models resident at once per preprocessing group (0 = all of them)")
-    p.add_argument("--results-file", default="", metavar="OUT", help="write the rows to OUT.csv or OUT.json")
+    p.add_argument("--results-file", default="", metavar="OUT",
+                   help="write the rows to OUT: timm's validate.py columns first, then ours")
+    p.add_argument("--results-format", choices=RESULT_FORMATS, default="",
+                   help="as timm's validate.py (default: json for a .json file, else csv)")
     return p.parse_args(argv)
 
 
@@ -84,8 +87,6 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError("--batch-size must be >= 1, --workers and --max-models-per-pass >= 0")
     if args.num_classes is not None and args.num_classes < 1:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
-    if args.results_file and not args.results_file.lower().endswith((".csv", ".json")):
-        raise UsageError(f"--results-file {args.results_file!r}: name a .csv or .json file")
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         # 4. results, from rank 0 only; the other ranks wait for it: torchrun stops every
         # process as soon as one exits non-zero (here: 1 when some rows failed)
         if dist_info.is_main:
-            report(rows, args.results_file)
+            report(rows, args.results_file, args.results_format)
         barrier()
     except SweepError as exc:
         if dist_info.is_main:
@@ -138,10 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(row.error for row in rows) else 0
 
 
-def report(rows: list[Row], results_file: str) -> None:
+def report(rows: list[Row], results_file: str, results_format: str) -> None:
     print(format_table(rows), flush=True)
     if results_file:
-        write_results(rows, results_file)
+        write_results(rows, results_file, results_format)
         logger.info("wrote %d row(s) to %s", len(rows), results_file)
 
 

@@ -41,6 +41,9 @@ from hrnet_cls.validation import (
     run_sweep,
 )
 
+# timm's validate.py results columns, in timm's order (its write_results / results-imagenet.csv)
+TIMM_ORDER = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct", "interpolation"]
+
 SIZES, CROPS = ["32", "64"], ["0.875", "1.0"]  # sweep axes; hrnet needs multiples of 32 px
 
 
@@ -207,11 +210,14 @@ def test_sweep_of_two_checkpoints_two_sizes_two_crops_writes_eight_rows(random_c
     assert {(r["checkpoint"], r["img_size"], r["crop_pct"]) for r in rows} == {
         (str(random_ckpts[k]), int(s), float(c)) for k in "ab" for s in SIZES for c in CROPS}
     for row in rows:
-        assert list(row) == list(RESULT_COLUMNS)
-        assert row["model"] == "hrnet_tiny_c" and row["error"] == ""
+        assert list(row) == [*TIMM_ORDER, "checkpoint", "loss", "samples", "skipped", "expected_samples", "verified",
+                             "precision", "device", "images_per_s", "gmacs", "paper_top1", "top1_minus_paper", "error"]
+        assert row["model"] == "hrnet_tiny_c" and row["error"] == "" and row["interpolation"] == "bilinear"
         assert row["samples"] == row["expected_samples"] == VAL_SAMPLES and row["skipped"] == 0
-        assert row["params"] == 605_602 and row["images_per_s"] > 0
-        assert 0 <= row["top1"] <= row["top5"] <= 100
+        assert row["param_count"] == 0.61 and row["images_per_s"] > 0  # 605,602 parameters, in millions as timm
+        assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0
+        assert row["top1"] + row["top1_err"] == pytest.approx(100) and row["top5"] + row["top5_err"] == pytest.approx(100)
+        assert (row["precision"], row["device"]) == ("fp32", "cpu")
         assert row["paper_top1"] is None and row["top1_minus_paper"] is None  # no paper number for tiny
     gmacs = {r["img_size"]: r["gmacs"] for r in rows}
     assert 3.9 < gmacs[64] / gmacs[32] <= 4.0  # convs scale with pixels, the classifier does not
@@ -221,7 +227,34 @@ def test_sweep_of_two_checkpoints_two_sizes_two_crops_writes_eight_rows(random_c
         table = list(csv.DictReader(f))
     assert code == 0 and [list(r) for r in table] == [list(RESULT_COLUMNS)] * 8
     assert [float(r["top1"]) for r in table] == [r["top1"] for r in rows]
+    assert [float(r["loss"]) for r in table] == [r["loss"] for r in rows]
     assert {r["paper_top1"] for r in table} == {""}
+
+
+def test_paper_figures_only_for_1000_class_models_in_timms_format_and_an_aligned_table(tmp_path, capsys) -> None:
+    deep = tmp_path / ("a-long-folder-name-for-the-runs-of-one-sweep" * 2)
+    deep.mkdir()
+    torch.manual_seed(0)
+    digits = save_ckpt(deep / "digits.pth", timm.create_model("hrnet_w18_small_c", num_classes=10),
+                       name="hrnet_w18_small_c", num_classes=10)
+    imagenet = save_ckpt(deep / "imagenet.pth", timm.create_model("hrnet_w18_small_c"), name="hrnet_w18_small_c",
+                         num_classes=1000)
+    out = tmp_path / "results.txt"
+    code = validate.main(["--checkpoint", str(digits), str(imagenet), "--data", VAL, "--workers", "0",
+                          "--results-file", str(out), "--results-format", "json"])
+    assert code == 0
+    small, large = json.loads(out.read_text())  # json, as asked, whatever the file is called
+    assert small["paper_top1"] is None and small["top1_minus_paper"] is None  # 10 classes: not the paper's task
+    assert large["paper_top1"] == 72.3 and large["top1_minus_paper"] == pytest.approx(large["top1"] - 72.3)
+    assert (small["param_count"], large["param_count"]) == (11.16, 13.19)  # 13,187,464 less 990 classes x 2049
+    table = capsys.readouterr().out.splitlines()
+    header, rows = table[0], table[2:4]
+    assert len({len(line) for line in (header, *rows)}) == 1  # every line as wide: the columns line up
+    start = header.index("checkpoint")  # left-aligned: each cell starts under its header
+    assert all(row[start - 1] == " " and row[start:].startswith(str(deep)) for row in rows)
+    for name in ("top1", "img/s"):  # right-aligned: each number ends under the end of its header
+        end = header.index(f" {name} ") + len(name) + 1
+        assert all(row[end - 1].isdigit() and row[end] == " " for row in rows), (name, rows)
 
 
 def test_default_preprocessing_comes_from_the_checkpoint_config(random_ckpts, tmp_path) -> None:
@@ -236,7 +269,7 @@ def test_model_with_weights_file_plain_or_wrapped_matches_the_checkpoint(random_
     for kind in ("a_plain", "a_wrapped"):
         code, rows = run([*argv, "--weights", str(random_ckpts[kind])], tmp_path, f"{kind}.json")
         assert code == 0 and [r["checkpoint"] for r in rows] == [str(random_ckpts["a"]), str(random_ckpts[kind])]
-        assert rows[1]["model"] == "hrnet_tiny_c" and rows[1]["params"] == 605_602  # 10 classes, read from the file
+        assert rows[1]["model"] == "hrnet_tiny_c" and rows[1]["param_count"] == 0.61  # 10 classes, read from the file
         results[kind] = rows
     for rows in results.values():
         assert counts(rows[0]) == counts(rows[1])
@@ -303,7 +336,7 @@ def test_missing_shards_are_a_one_line_usage_error_before_loading(random_ckpts, 
     assert err.err.count("\n") == 1 and "nowhere/val-" in err.err and "no shard file matches" in err.err
     assert not [r for r in caplog.records if r.name.startswith(("hrnet_cls", "validate"))]  # nothing ran
     for argv in (["--data", VAL], ["--checkpoint", "x.pth", "--data", VAL, "--crop-pct", "1.5"],
-                 ["--checkpoint", "x.pth", "--data", VAL, "--results-file", "out.txt"]):
+                 ["--checkpoint", "x.pth", "--data", VAL, "--batch-size", "0"]):
         assert validate.main(argv) == 2
         assert capsys.readouterr().err.count("\n") == 1
 
@@ -348,7 +381,7 @@ def test_a_local_dir_folder_validates_like_its_checkpoint_in_the_same_pass(rando
     assert passes and all(m.startswith("pass 1/1: ") for m in passes)  # same preprocessing: one pass, 2 models
     assert "2 model(s)" in passes[0]
     assert [(r["img_size"], r["crop_pct"]) for r in rows] == [(32, 1.0)] * 2
-    assert counts(rows[0]) == counts(rows[1]) and rows[0]["params"] == rows[1]["params"]
+    assert counts(rows[0]) == counts(rows[1]) and rows[0]["param_count"] == rows[1]["param_count"]
 
 
 # ---------------------------------------------------------------- decode once

@@ -27,12 +27,13 @@ unknown model name, a forward that raises) become one-line ``Row.error`` texts n
 file and the problem; the sweep goes on with the other rows.
 """
 from hrnet_cls.validation.passes import PassStats, SweepSettings, expected_samples, plan_passes, run_pass, run_sweep
-from hrnet_cls.validation.report import RESULT_COLUMNS, format_table, row_record, write_results
+from hrnet_cls.validation.report import (RESULT_COLUMNS, RESULT_FORMATS, TIMM_COLUMNS, format_table, row_record,
+                                        write_results)
 from hrnet_cls.validation.specs import (ModelSpec, Preprocess, Row, SweepError, build_rows, checkpoint_specs, describe,
                                        describe_all, model_specs)
 
 __all__ = [
-    "ModelSpec", "PassStats", "Preprocess", "RESULT_COLUMNS", "Row", "SweepError", "SweepSettings", "build_rows",
+    "ModelSpec", "PassStats", "Preprocess", "RESULT_COLUMNS", "RESULT_FORMATS", "Row", "TIMM_COLUMNS", "SweepError", "SweepSettings", "build_rows",
     "checkpoint_specs", "describe", "describe_all", "expected_samples", "format_table", "model_specs",
     "plan_passes", "row_record", "run_pass", "run_sweep", "write_results",
 ]

@@ -132,6 +132,8 @@ def _finish(rows: Sequence[Row], tally: Tally, settings: SweepSettings) -> tuple
         row.samples, row.skipped, row.expected_samples = n, totals.skipped, settings.expected_samples
         row.top1, row.top5 = (100.0 * top1 / n, 100.0 * top5 / n) if n else (None, None)
         row.images_per_s = n / seconds if n and seconds > 0 else None
+        row.loss = totals.loss_sum[i] / n if n else None
+        row.precision, row.device = settings.precision.name, str(settings.device)
         if n + totals.skipped != settings.expected_samples:
             row.error = row.spec.failed(f"{n} samples validated + {totals.skipped} bad = {n + totals.skipped}, but "
                                         f"{settings.expected_samples} expected ({settings.expected_source})").error

@@ -1,8 +1,13 @@
-"""A sweep's rows as a console table and as a CSV or JSON results file."""
+"""A sweep's rows as a console table and as a CSV or JSON results file.
+
+The results file starts with timm's validate.py columns in timm's order (``model, top1, top1_err,
+top5, top5_err, param_count, img_size, crop_pct, interpolation``; param_count in millions, as
+timm's ``results-imagenet.csv``), so the two line up, then ours. The paper's top-1 is given only
+for a 1000-class model of a variant the paper (or the authors' repository) reports.
+"""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 from collections.abc import Sequence
@@ -13,17 +18,35 @@ from hrnet_cls.atomic import write_atomic
 from hrnet_cls.hrnet_c import PAPER_TOP1
 from hrnet_cls.validation.specs import Row
 
-RESULT_COLUMNS = ("model", "checkpoint", "verified", "img_size", "crop_pct", "top1", "top5", "samples", "skipped",
-                  "expected_samples", "params", "gmacs", "images_per_s", "paper_top1", "top1_minus_paper", "error")
+TIMM_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                "interpolation")
+RESULT_COLUMNS = TIMM_COLUMNS + ("checkpoint", "loss", "samples", "skipped", "expected_samples", "verified",
+                                 "precision", "device", "images_per_s", "gmacs", "paper_top1", "top1_minus_paper",
+                                 "error")
+RESULT_FORMATS = ("csv", "json")
+
+
+def paper_top1(row: Row) -> float | None:
+    """The published ImageNet top-1 of the row's variant; None unless it has 1000 classes."""
+    card = row.spec.card
+    if card is None or card.num_classes != 1000:
+        return None
+    return PAPER_TOP1.get(row.spec.model.split(".")[0])
 
 
 def row_record(row: Row) -> dict[str, Any]:
-    """The results file's row: RESULT_COLUMNS in order."""
-    paper = PAPER_TOP1.get(row.spec.model.split(".")[0])
-    gap = None if paper is None or row.top1 is None else row.top1 - paper
-    values = dict(model=row.spec.model, checkpoint=row.spec.label, verified=row.spec.verified, paper_top1=paper,
-                  top1_minus_paper=gap,
-                  **{f.name: getattr(row, f.name) for f in dataclasses.fields(row) if f.name != "spec"})
+    """The results file's row: RESULT_COLUMNS in order (None where there is no value)."""
+    paper = paper_top1(row)
+    card = row.spec.card
+    values = dict(
+        model=row.spec.model, top1=row.top1, top1_err=None if row.top1 is None else 100.0 - row.top1,
+        top5=row.top5, top5_err=None if row.top5 is None else 100.0 - row.top5,
+        param_count=None if row.params is None else round(row.params / 1e6, 2), img_size=row.img_size,
+        crop_pct=row.crop_pct, interpolation=card.interpolation if card else None, checkpoint=row.spec.label,
+        loss=row.loss, samples=row.samples, skipped=row.skipped, expected_samples=row.expected_samples,
+        verified=row.spec.verified, precision=row.precision or None, device=row.device or None,
+        images_per_s=row.images_per_s, gmacs=row.gmacs, paper_top1=paper,
+        top1_minus_paper=None if paper is None or row.top1 is None else row.top1 - paper, error=row.error)
     return {column: values[column] for column in RESULT_COLUMNS}
 
 
@@ -31,34 +54,49 @@ def _cell(value: Any, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+# (header, record key, format, align) of the console table
+_TABLE = (("model", "model", "", "<"), ("checkpoint", "checkpoint", "", "<"), ("img", "img_size", "d", ">"),
+          ("crop", "crop_pct", ".3f", ">"), ("top1", "top1", ".3f", ">"), ("top5", "top5", ".3f", ">"),
+          ("loss", "loss", ".4f", ">"), ("samples", "samples", "d", ">"), ("bad", "skipped", "d", ">"),
+          ("expected", "expected_samples", "d", ">"), ("params(M)", "param_count", ".2f", ">"),
+          ("GMACs", "gmacs", ".4f", ">"), ("img/s", "images_per_s", ".1f", ">"), ("paper", "paper_top1", ".1f", ">"),
+          ("vs paper", "top1_minus_paper", "+.2f", ">"))
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """The console table; failed rows show FAILED and their errors are listed below it."""
-    header = (f"{'model':<24} {'checkpoint':<32} {'img':>4} {'crop':>6} {'top1':>7} {'top5':>7} {'samples':>8} "
-              f"{'bad':>5} {'expected':>8} {'params(M)':>9} {'GMACs':>8} {'img/s':>8} {'paper':>6} {'vs paper':>8}")
-    lines = [header, "-" * len(header)]
+    """The console table, each column as wide as its widest cell (long names keep it aligned);
+    failed rows show FAILED and their errors are listed below it."""
+    cells = []
     for row in rows:
-        d = row_record(row)
-        label = d["checkpoint"] if len(d["checkpoint"]) <= 32 else "..." + d["checkpoint"][-29:]
-        result = "FAILED" if row.error else _cell(d["top1"], ".3f")
-        lines.append(
-            f"{d['model']:<24} {label:<32} {_cell(d['img_size'], 'd'):>4} {_cell(d['crop_pct'], '.3f'):>6} "
-            f"{result:>7} {_cell(d['top5'], '.3f'):>7} {_cell(d['samples'], 'd'):>8} {_cell(d['skipped'], 'd'):>5} "
-            f"{_cell(d['expected_samples'], 'd'):>8} {_cell(d['params'] and d['params'] / 1e6, '.3f'):>9} "
-            f"{_cell(d['gmacs'], '.4f'):>8} {_cell(d['images_per_s'], '.1f'):>8} {_cell(d['paper_top1'], '.1f'):>6} "
-            f"{_cell(d['top1_minus_paper'], '+.2f'):>8}")
+        record = row_record(row)
+        line = [_cell(record[key], fmt) for _, key, fmt, _ in _TABLE]
+        if row.error:
+            line[4] = "FAILED"
+        cells.append(line)
+    widths = [max([len(header)] + [len(line[i]) for line in cells]) for i, (header, *_) in enumerate(_TABLE)]
+
+    def join(line: list[str]) -> str:
+        return "  ".join(f"{cell:{align}{width}}" for cell, width, (*_, align) in zip(line, widths, _TABLE))
+    header = join([header for header, *_ in _TABLE])
+    lines = [header, "-" * len(header), *map(join, cells)]
     failed = [row.error for row in rows if row.error]
     if failed:
         lines += ["", f"{len(failed)} of {len(rows)} row(s) failed:"] + [f"  {error}" for error in failed]
     return "\n".join(lines)
 
 
-def write_results(rows: Sequence[Row], path: str | Path) -> None:
-    """Rows as CSV (RESULT_COLUMNS, empty cells for missing values) or as a JSON list of
-    objects (null for missing values), chosen by the file's suffix; written atomically."""
+def results_format(path: str | Path, fmt: str = "") -> str:
+    """``fmt`` (csv | json, as timm's --results-format), else json for a .json file, else csv."""
+    return fmt or ("json" if Path(path).suffix.lower() == ".json" else "csv")
+
+
+def write_results(rows: Sequence[Row], path: str | Path, fmt: str = "") -> None:
+    """Rows as CSV (RESULT_COLUMNS, empty cells for missing values) or as a JSON list of objects
+    (null for missing values), as results_format chooses; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [row_record(row) for row in rows]
-    if path.suffix.lower() == ".json":
+    if results_format(path, fmt) == "json":
         write_atomic(path, json.dumps(records, indent=1) + "\n")
         return
     text = io.StringIO()

@@ -181,6 +181,9 @@ class Row:
     params: int | None = None
     gmacs: float | None = None  # conv + linear multiply-adds per image at img_size / 2^30 (the paper's "GFLOPs")
     images_per_s: float | None = None  # forward throughput of this model, decoding excluded
+    loss: float | None = None  # mean cross-entropy
+    precision: str = ""  # the autocast dtype it ran in: bf16 | fp16 | fp32
+    device: str = ""
     error: str = ""
 
     @property
