@@ -10,16 +10,20 @@ OUT_DIR receives:
   ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``, ``label_names``) with the
   preprocessing the model was trained and validated with (hrnet_cls.model_card): the checkpoint's
   ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std, and the class names of the
-  training shards' _info.json when it can be read; plus ``export``, where the weights came from
-  (informational; timm ignores it);
+  training shards' _info.json when it can be read; plus ``export``, where the weights came from and
+  what loading needs (informational; timm ignores it). ``architecture`` is timm's own name for the
+  variants that are timm's models in eval (hrnet_c.TIMM_TWINS: ``hrnet_w18_c`` -> ``hrnet_w18``), so
+  those folders load in plain timm;
+- ``README.md``: the model card (hrnet_cls.hub_card): Hugging Face metadata, results, recipe, loading;
 - with --onnx, ``model.onnx``: the torch.export-based exporter (``dynamo=True``) via timm's
   ``onnx_export``, opset 20 (``OPSET``), input ``input`` (batch, 3, img_size, img_size) float32
   normalised, output ``logits`` (batch, num_classes); the batch is dynamic, the image side is
   fixed to img_size. The exported graph is checked by onnx's full checker and run with
   onnxruntime at batch 1 and 3 against PyTorch.
 
-The folder loads with ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` after
-``import hrnet_cls`` (without pretrained=True timm builds the architecture only), validates with
+The folder loads with ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` (after ``import
+hrnet_cls`` unless it names timm's architecture; without pretrained=True timm builds the
+architecture only), validates with
 ``validate.py --model local-dir:OUT_DIR``, and ``model.safetensors`` is an ordinary timm state
 dict (``timm.models.load_checkpoint``, ``pretrained_cfg_overlay=dict(file=...)``).
 
@@ -30,8 +34,10 @@ from NAME's pretrained_cfg (e.g. ``hrnet_w18_small_c.gluon_in1k`` is bicubic), a
 label names.
 
 HRNet-C keeps activations NHWC by default (``channels_last=True``). The exported config does not
-record a layout, so ``local-dir:`` builds the default, the same as validate.py and train.py's
-default: logits are bit-identical to the model built from the checkpoint. The ONNX graph is
+record a layout, so ``local-dir:`` of an HRNet-C architecture builds the default, the same as
+validate.py and train.py's default: logits are bit-identical to the model built from the
+checkpoint. A folder under timm's name builds timm's NCHW model: bit-identical to our
+``channels_last=False`` build, within 1e-5 of the logit scale of the NHWC one. The ONNX graph is
 traced from the same weights with ``channels_last=False`` (plain NCHW, no layout conversions).
 
 Exit status: 0 = exported; 2 = a usage or input problem (one line on stderr, nothing written);
@@ -56,8 +62,10 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
+from hrnet_cls import hub_card
 from hrnet_cls.atomic import ChecksumError, publish, verify
 from hrnet_cls.errors import one_line
+from hrnet_cls.hrnet_c import TIMM_TWINS
 from hrnet_cls.model_card import ModelCard, create_model, is_checkpoint
 from hrnet_cls.weights import is_state_dict, pick_state_dict, read_file
 
@@ -83,6 +91,7 @@ class Source:
     weights: dict[str, torch.Tensor]
     is_checkpoint: bool  # one of our training checkpoints (else a weights file with --model)
     info: dict[str, Any]  # provenance: config.json's "export"
+    train_config: dict[str, Any]  # the checkpoint's recipe ({} for a plain weights file): the model card's
 
 
 # ---------------------------------------------------------------- reading the input
@@ -118,7 +127,7 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
             "model_name": card.model}
     if checkpoint:
         info.update({k: obj.get(k) for k in ("epoch", "step", "git_commit", "metrics")}, precision=card.precision)
-    return Source(card, weights, checkpoint, info)
+    return Source(card, weights, checkpoint, info, dict(obj.get("config") or {}) if checkpoint else {})
 
 
 # ---------------------------------------------------------------- building and writing
@@ -134,13 +143,20 @@ def build_model(source: Source, channels_last: bool | None = None) -> nn.Module:
     return create_model(source.card, source.weights, channels_last=channels_last, **overlay).eval()
 
 
-def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str] | None) -> dict[str, Any]:
-    """model.safetensors + config.json in folder (timm's save_for_hf); returns the config written.
+def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str] | None,
+                 names_note: str = "", folder_name: str = "") -> dict[str, Any]:
+    """model.safetensors + config.json (timm's save_for_hf) and README.md (the model card) in folder;
+    returns the config written.
 
-    safetensors takes contiguous tensors only: HRNet-C's NHWC conv weights are stored NCHW for
-    the save and put back after it (the values are unchanged).
+    A variant that is, in eval, one of timm's own models (hrnet_c.TIMM_TWINS) is recorded under
+    timm's name, so the folder loads in plain timm; the others need hrnet-cls, and say so
+    (config.json's ``export.loads_with``, the card). safetensors takes contiguous tensors only:
+    HRNet-C's NHWC conv weights are stored NCHW for the save and put back after it.
     """
-    model_config: dict[str, Any] = {"export": source.info, **({"label_names": names} if names else {})}
+    twin = TIMM_TWINS.get(model.pretrained_cfg.get("architecture", ""))
+    loads_with = "timm" if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
+    model_config: dict[str, Any] = {"export": {**source.info, "loads_with": loads_with},
+                                    **({"label_names": names} if names else {})}
     model.to(memory_format=torch.contiguous_format)
     try:
         save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True,
@@ -148,7 +164,13 @@ def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str
     finally:
         if getattr(model, "channels_last", False):
             model.to(memory_format=torch.channels_last)
-    return json.loads((folder / CONFIG_NAME).read_text())
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    if twin:
+        config["architecture"] = twin
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # the staging folder: published whole
+    card = hub_card.render(config, source.train_config, names_note, folder_name or folder.name)
+    (folder / hub_card.README_NAME).write_text(card)
+    return config
 
 
 def missing_onnx_packages() -> list[str]:
@@ -241,7 +263,7 @@ def export(args: argparse.Namespace) -> list[str]:
     out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.export-", dir=out_dir.absolute().parent))
     try:
-        config = write_folder(model, staging, source, names)
+        config = write_folder(model, staging, source, names, names_note, str(out_dir))
         cfg = config["pretrained_cfg"]
         input_size = tuple(cfg["input_size"])
         lines = [f"{out_dir / WEIGHTS_NAME}: {config['architecture']}, {config['num_classes']} classes, "
@@ -265,7 +287,8 @@ def export(args: argparse.Namespace) -> list[str]:
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    lines.append(f"load with: import hrnet_cls, timm; timm.create_model('local-dir:{out_dir}', pretrained=True)")
+    needs = "" if config["architecture"] != source.card.model.split(".")[0] else "import hrnet_cls; "
+    lines.append(f"load with: {needs}import timm; timm.create_model('local-dir:{out_dir}', pretrained=True)")
     return lines
 
 

@@ -80,6 +80,14 @@ VARIANTS: Dict[str, Variant] = {
         head_widths=(8, 16, 32, 64), num_features=256), 860_032, 0.0866),
 }
 MODEL_CFGS: Dict[str, HRNetCfg] = {name: v.cfg for name, v in VARIANTS.items()}
+# The variants that are, in eval, timm's own model of the same name without "_c": the same graph and
+# state-dict layout (drop path and checkpointing are training-only), so their weights and exports load
+# in plain timm (tests/test_models.py, tests/test_export.py compare logits).
+TIMM_TWINS: Dict[str, str] = {
+    'hrnet_w18_c': 'hrnet_w18', 'hrnet_w30_c': 'hrnet_w30', 'hrnet_w32_c': 'hrnet_w32', 'hrnet_w40_c': 'hrnet_w40',
+    'hrnet_w48_c': 'hrnet_w48', 'hrnet_w64_c': 'hrnet_w64', 'hrnet_w44_c_basic': 'hrnet_w44',
+    'hrnet_w18_small_c': 'hrnet_w18_small', 'hrnet_w18_small_v2_c': 'hrnet_w18_small_v2',
+}
 PAPER_TOP1: Dict[str, float] = {name: v.top1 for name, v in VARIANTS.items() if v.top1 is not None}
 
 
@@ -347,7 +355,7 @@ default_cfgs = generate_default_cfgs({
     'hrnet_w18_small_v2_c.ms_in1k': _cfg('hrnet_w18_small_v2.ms_in1k'),
     'hrnet_w18_small_v2_c.gluon_in1k': _cfg(
         'hrnet_w18_small_v2.gluon_in1k', interpolation='bicubic', license='apache-2.0'),
-    'hrnet_tiny_c': _cfg(input_size=(3, 32, 32), pool_size=(1, 1)),
+    'hrnet_tiny_c': _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),  # as the demo trains and validates
 })
 
 

@@ -192,7 +192,7 @@ class Tracker:
         values = {k: _number(k, v) for k, v in metrics.items()}
         extra = set(values) - set(SUMMARY_COLUMNS) - self._warned_extra
         if extra:
-            logger.info("metrics %s are not summary.csv columns; logged to W&B only", sorted(extra))
+            logger.debug("metrics %s are not summary.csv columns; logged to W&B only", sorted(extra))
             self._warned_extra |= extra
         row = {c: _csv_cell(values.get(c)) for c in SUMMARY_COLUMNS} | {"epoch": str(epoch)}
         with open(self.summary_path, "a", newline="") as f:

@@ -20,18 +20,22 @@ from hrnet_cls.export import OPSET, main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # on a busy 2-core machine two threads spin-wait
 validate = load_script("validate.py")
-IMG, CROP = 64, 0.9  # the checkpoints' data.img_size / data.crop_pct: not hrnet_tiny_c's defaults (32, 0.875)
+IMG, CROP = 64, 0.9  # the checkpoints' data.img_size / data.crop_pct: not hrnet_tiny_c's defaults (32, 1.0)
 CLASS_NAMES = json.loads((DIGITS / "_info.json").read_text())["class_names"]
 
 
-def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | None = None, **data) -> Path:
+METRICS = {"val_top1": 91.25, "val_top5": 99.5, "val_loss": 0.3, "val_samples": 360}  # what its validation said
+
+
+def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | None = None, name: str = "hrnet_tiny_c",
+              **data) -> Path:
     """A training checkpoint as train.py writes it (the demo recipe, trained at IMG px, CROP)."""
     config = config_to_dict(load_config("demo_digits.yaml"))
-    config["model"].update(name="hrnet_tiny_c", num_classes=model.num_classes)
+    config["model"].update(name=name, num_classes=model.num_classes)
     config["data"].update(img_size=IMG, crop_pct=CROP, **data)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     save_checkpoint(path, build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0,
-                                      config=config, model_ema=model_ema))
+                                      config=config, model_ema=model_ema, metrics=METRICS))
     return path
 
 
@@ -102,7 +106,7 @@ def test_local_dir_gives_logits_identical_to_the_checkpoint_model_and_its_ema(ck
     x = digits()
     for kind, key in (("model", "model"), ("ema", "model_ema")):
         folder = exported[kind]
-        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+        assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
         reference = from_weights(state[key])
         assert same_weights(load_file(folder / "model.safetensors"), reference.state_dict())  # weights only
         local = timm.create_model(f"local-dir:{folder}", pretrained=True)
@@ -151,7 +155,7 @@ def test_a_plain_weights_file_needs_model_and_takes_its_classes_from_the_classif
     config = json.loads((tmp_path / "seven" / "config.json").read_text())
     assert config["num_classes"] == 7 and "label_names" not in config
     cfg = config["pretrained_cfg"]  # no training config: hrnet_tiny_c's pretrained_cfg
-    assert cfg["input_size"] == [3, 32, 32] and cfg["crop_pct"] == 0.875 and cfg["interpolation"] == "bilinear"
+    assert cfg["input_size"] == [3, 32, 32] and cfg["crop_pct"] == 1.0 and cfg["interpolation"] == "bilinear"
     x = digits()
     local = timm.create_model(f"local-dir:{tmp_path / 'seven'}", pretrained=True)
     assert torch.equal(logits(local, x), logits(from_weights(torch.load(ckpts["seven_plain"]), 7), x))
@@ -184,7 +188,7 @@ def rows(argv: list[str], out: Path) -> list[dict]:
 def test_validate_local_dir_equals_validate_checkpoint(ckpts, exported, tmp_path) -> None:
     (ckpt,) = rows(["--checkpoint", str(ckpts["ckpt"])], tmp_path / "ckpt.json")
     (local,) = rows(["--model", f"local-dir:{exported['model']}"], tmp_path / "local.json")
-    same = ("img_size", "crop_pct", "top1", "top5", "samples", "skipped", "params")
+    same = ("img_size", "crop_pct", "top1", "top5", "samples", "skipped", "param_count", "loss")
     assert (local["img_size"], local["crop_pct"]) == (IMG, CROP) and local["error"] == ""
     assert {k: local[k] for k in same} == {k: ckpt[k] for k in same}
     assert local["model"] == f"local-dir:{exported['model']}"
@@ -230,12 +234,73 @@ def test_input_problems_are_one_line_errors_with_nothing_written(ckpts, tmp_path
 def test_force_overwrites_an_export_and_keeps_other_files(ckpts, exported, tmp_path) -> None:
     folder = tmp_path / "out"
     assert export(ckpts["ckpt"], folder) == 0
-    (folder / "README.md").write_text("model card")
+    (folder / "NOTES.txt").write_text("the user's own file")
     (folder / "model.onnx").write_bytes(b"stale")  # of an earlier --onnx export: no longer these weights
     assert export(ckpts["ckpt"], folder, "--use-ema") == 2
     assert export(ckpts["ckpt"], folder, "--use-ema", "--force") == 0
-    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["NOTES.txt", "README.md", "config.json", "model.safetensors"]
     assert same_weights(load_file(folder / "model.safetensors"), load_file(exported["ema"] / "model.safetensors"))
+
+
+# ---------------------------------------------------------------- plain timm, model card
+
+
+def test_the_model_card_reads_with_the_hub_parser_and_says_what_loading_needs(exported) -> None:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(exported["model"] / "README.md")
+    assert card.data.library_name == "timm" and card.data.license == "mit" and "hrnet-cls" in card.data.tags
+    assert card.data.datasets == ["digits"]  # the name in the training shards' _info.json
+    (top1, top5) = card.data.eval_results
+    assert (top1.metric_value, top5.metric_value) == (METRICS["val_top1"], METRICS["val_top5"])
+    assert top1.metric_name == f"top-1 accuracy ({IMG} px, crop_pct {CROP:g}, bilinear)"
+    assert top1.dataset_name == "digits"
+    assert "`hrnet_tiny_c` is not one of timm's models" in card.text and "import hrnet_cls" in card.text
+    assert "91.25% top-1, 99.50% top-5 on 360 validation images" in card.text
+    assert "- SGD, lr 0.1 (Nesterov)" in card.text
+    config = json.loads((exported["model"] / "config.json").read_text())
+    assert config["export"]["loads_with"] == "timm, after import hrnet_cls (pip install hrnet-cls)"
+
+
+PLAIN_TIMM = """
+import sys, timm, torch
+assert not [m for m in sys.modules if m.startswith("hrnet_cls")]
+folder, tiny, x = sys.argv[1], sys.argv[2], torch.load(sys.argv[3])
+model = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+with torch.no_grad():
+    torch.save(model(x), sys.argv[4])
+try:
+    timm.create_model("local-dir:" + tiny, pretrained=True)
+except RuntimeError as e:
+    print(e)
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter without hrnet_cls: ~6 s of imports on 2 cores
+def test_a_variant_that_is_timms_own_model_exports_a_folder_plain_timm_loads(exported, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small_c", num_classes=10)
+    ckpt = save_ckpt(tmp_path / "w18s.pth", model, name="hrnet_w18_small_c")
+    assert export(ckpt, tmp_path / "out") == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architecture"] == "hrnet_w18_small" and config["export"]["model_name"] == "hrnet_w18_small_c"
+    assert config["export"]["loads_with"] == "timm"
+    x = torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
+    torch.save(x, tmp_path / "x.pt")
+    env = subprocess_env(tmp_path, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_TIMM, str(tmp_path / "out"), str(exported["model"]),
+                           str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Unknown model (hrnet_tiny_c)" in proc.stdout  # the bottleneck/tiny folders need hrnet-cls, as they say
+    theirs = torch.load(tmp_path / "y.pt")
+    nchw = timm.create_model("hrnet_w18_small_c", num_classes=10, channels_last=False)
+    nchw.load_state_dict(model.state_dict())
+    assert torch.equal(theirs, logits(nchw, x))  # exactly our NCHW build
+    ours = logits(model, x)  # the default NHWC layout: other kernels, the same up to rounding
+    assert (theirs - ours).abs().max() <= 1e-5 * ours.abs().max()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "names timm's own `hrnet_w18_small`" in card and "import hrnet_cls" not in card
 
 
 # ---------------------------------------------------------------- ONNX, fresh interpreter

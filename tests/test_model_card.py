@@ -40,7 +40,7 @@ def test_a_checkpoint_names_its_model_and_falls_back_on_the_classifier_and_the_r
     config = demo(model__num_classes=0, data__img_size=0, data__crop_pct=0.0)
     card = ModelCard.from_checkpoint({"config": config, "model_name": "hrnet_tiny_c"}, weights)
     assert (card.model, card.num_classes) == ("hrnet_tiny_c", 7)  # model_name wins, classes from the classifier
-    assert (card.img_size, card.crop_pct) == (32, 0.875)  # hrnet_tiny_c's pretrained_cfg
+    assert (card.img_size, card.crop_pct) == (32, 1.0)  # hrnet_tiny_c's pretrained_cfg: as the demo trains
     assert ModelCard.from_checkpoint({"config": config, "model_name": "hrnet_tiny_c"}).num_classes == 1000
     with pytest.raises(ValueError, match="names no model"):
         ModelCard.from_checkpoint({"config": demo(model__name="")})

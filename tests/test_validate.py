@@ -216,7 +216,8 @@ def test_sweep_of_two_checkpoints_two_sizes_two_crops_writes_eight_rows(random_c
         assert row["samples"] == row["expected_samples"] == VAL_SAMPLES and row["skipped"] == 0
         assert row["param_count"] == 0.61 and row["images_per_s"] > 0  # 605,602 parameters, in millions as timm
         assert 0 <= row["top1"] <= row["top5"] <= 100 and row["loss"] > 0
-        assert row["top1"] + row["top1_err"] == pytest.approx(100) and row["top5"] + row["top5_err"] == pytest.approx(100)
+        assert row["top1"] + row["top1_err"] == pytest.approx(100)
+        assert row["top5"] + row["top5_err"] == pytest.approx(100)
         assert (row["precision"], row["device"]) == ("fp32", "cpu")
         assert row["paper_top1"] is None and row["top1_minus_paper"] is None  # no paper number for tiny
     gmacs = {r["img_size"]: r["gmacs"] for r in rows}
