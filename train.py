@@ -22,7 +22,6 @@ loss (the last good checkpoint is kept), 75 preempted by a signal (checkpoint sa
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import sys
@@ -122,23 +121,51 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     return net.to(info.device, memory_format=fmt)
 
 
-def save(parts: TrainParts, run: RunDir, cfg: Config, loader: TrainLoader, epoch: int, batch_in_epoch: int,
-         step: int, metrics: dict | None = None, metric: float | None = None, sums: EpochSums | None = None) -> None:
-    """Collective: every rank adds its RNG state and the samples it trained on this epoch;
-    rank 0 writes last.pth (+ epoch/best) atomically. Mid-epoch, ``sums`` are the epoch's totals."""
-    mine = (capture_rng(), np.packbits(loader.consumed) if batch_in_epoch else None)
-    gathered = all_gather_object(mine)
-    if not run.is_main:
-        return
-    consumed = None
-    if batch_in_epoch:  # the union of every rank's samples: a position any layout can continue from
-        consumed = np.unpackbits(np.bitwise_or.reduce([g[1] for g in gathered]), count=loader.plan.samples)
-    state = build_state(model=parts.net, optimizer=parts.optimizer, epoch=epoch, step=step,
-                        batch_in_epoch=batch_in_epoch, config=config_to_dict(cfg), metrics=metrics,
-                        model_ema=parts.ema.module, scaler=parts.scaler, rng=[g[0] for g in gathered],
-                        data=loader.state(consumed.astype(bool) if consumed is not None else None),
-                        epoch_sums=asdict(sums) if sums and batch_in_epoch else None)
-    run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
+class Checkpoints:
+    """Saves of one run: a collective call saves; ``seconds`` is the time the loop spent in them
+    (checkpoint_s); rank 0's clock asks for a save every checkpoint.save_interval_min minutes."""
+
+    def __init__(self, parts: TrainParts, run: RunDir, cfg: Config, loader: TrainLoader) -> None:
+        self.parts, self.run, self.cfg, self.loader = parts, run, cfg, loader
+        self.seconds, self.interval_s = 0.0, cfg.checkpoint.save_interval_min * 60
+        self.last, self.asked = time.monotonic(), False
+
+    def __call__(self, epoch: int, batch_in_epoch: int, step: int, metrics: dict | None = None,
+                 metric: float | None = None, sums: EpochSums | None = None) -> None:
+        """Every rank adds its RNG state and the samples it trained on this epoch; rank 0 writes
+        last.pth (+ epoch/best) atomically, in the background with async_save. Mid-epoch, ``sums``
+        are the epoch's totals."""
+        began = time.perf_counter()
+        mine = (capture_rng(), np.packbits(self.loader.consumed) if batch_in_epoch else None)
+        gathered = all_gather_object(mine)
+        if self.run.is_main:
+            consumed = None
+            if batch_in_epoch:  # the union of every rank's samples: a position any layout can continue from
+                consumed = np.unpackbits(np.bitwise_or.reduce([g[1] for g in gathered]),
+                                         count=self.loader.plan.samples).astype(bool)
+            p = self.parts
+            state = build_state(model=p.net, optimizer=p.optimizer, epoch=epoch, step=step,
+                                batch_in_epoch=batch_in_epoch, config=config_to_dict(self.cfg), metrics=metrics,
+                                model_ema=p.ema.module, scaler=p.scaler, rng=[g[0] for g in gathered],
+                                data=self.loader.state(consumed), epoch_sums=asdict(sums) if sums and batch_in_epoch
+                                else None)
+            self.run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
+        self.last, self.asked = time.monotonic(), False
+        self.seconds += time.perf_counter() - began
+
+    def check(self) -> None:
+        self.run.check()
+
+    def time_due(self) -> bool:
+        """On rank 0, once per interval (it asks until poll() answers; then the save resets the clock)."""
+        if not self.run.is_main or not self.interval_s or self.asked:
+            return False
+        self.asked = time.monotonic() - self.last >= self.interval_s
+        return self.asked
+
+    def take_seconds(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
 
 
 def validate(parts: TrainParts, loader: ValLoader) -> dict[str, float]:
@@ -154,7 +181,7 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
     """The epoch loop from ``position`` on (train_loader is already there); returns the last
     validation metrics. Raises Preempted after saving when a stop signal came."""
     step, last = position.step, position.metrics
-    checkpoint = functools.partial(save, parts, run, cfg, train_loader)
+    checkpoint = Checkpoints(parts, run, cfg, train_loader)
     for epoch in range(position.epoch, cfg.schedule.epochs):
         if epoch != position.epoch:
             train_loader.set_epoch(epoch)
@@ -170,6 +197,7 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
         val = validate(parts, val_loader) if due else {}
         last = val or last
         row = {**trained.metrics(), **val, "epoch_time_s": trained.train_time_s + time.perf_counter() - start,
+               "checkpoint_s": checkpoint.take_seconds(),
                "skipped": trained.skipped + val.get("val_skipped", 0)}
         tracker.log_epoch(epoch, row)  # before the save: a resume from it keeps this row
         logger.info("epoch %d/%d done: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%%s  lr %.4g  "
@@ -181,12 +209,15 @@ def fit(cfg: Config, parts: TrainParts, train_loader: TrainLoader, val_loader: V
         checkpoint(epoch + 1, 0, step, metrics=last, metric=val.get("val_top1"))
         if epoch + 1 < cfg.schedule.epochs and stop.agree():  # a signal during validation or the save
             preempted(run, f"epoch {epoch + 1}, batch 0, step {step}")
+    run.finish_saves()  # the last checkpoint written and verified before the final line
     return last
 
 
 def preempted(run: RunDir, where: str) -> None:
-    """After the stop's checkpoint: rank 0 leaves the marker, every rank waits for it (a rank
-    that exits first makes torchrun stop the others), then Preempted ends the run."""
+    """After the stop's checkpoint: rank 0 waits for it to be written and verifies it, leaves the
+    marker, every rank waits for that (a rank that exits first makes torchrun stop the others),
+    then Preempted ends the run."""
+    run.finish_saves()
     run.mark_preempted(where)
     barrier()
     raise Preempted(where)
@@ -226,7 +257,8 @@ def setup_logging(rank: int) -> None:
 def run_training(cfg: Config, info: DistInfo, precision: Precision, stop: StopRequest,
                  started: float) -> tuple[int, str]:
     """(exit status, final line): every way a run ends becomes one status and one line."""
-    run = RunDir(cfg.checkpoint.output_dir, is_main=info.is_main, keep=cfg.checkpoint.keep)
+    run = RunDir(cfg.checkpoint.output_dir, is_main=info.is_main, keep=cfg.checkpoint.keep,
+                 async_save=cfg.checkpoint.async_save)
     try:
         start = run.start(cfg.checkpoint.resume, cfg.schedule.epochs)
         if start.finished:

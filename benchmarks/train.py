@@ -36,7 +36,7 @@ from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
 from hrnet_cls.config import Config
 from hrnet_cls.data import expand_urls, read_info, shard_lengths
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.engine import TrainParts, build_parts, train_one_epoch
+from hrnet_cls.engine import NoSaves, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import StopRequest
 from hrnet_cls.run_dir import RunDir
@@ -94,7 +94,7 @@ def make_parts(name: str, args: argparse.Namespace) -> TrainParts:
 
 def epoch(parts: TrainParts, loader: Any) -> Any:
     return train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=Tracker(Config(), RunDir("-", is_main=False)),
-                           save=lambda *a: None, stop=StopRequest())
+                           save=NoSaves(), stop=StopRequest())
 
 
 def bare_pass(parts: TrainParts, batches: Batches) -> None:

@@ -125,6 +125,13 @@ class CheckpointConfig:
     keep: int = doc(3, "Number of most recent epoch_XXXX.pth files kept besides last.pth and best.pth.")
     save_interval: int = doc(0, "Also overwrite last.pth every this many optimizer steps inside an epoch, so a "
                                 "killed job resumes at the next batch (0 = save at epoch ends only).")
+    save_interval_min: float = doc(
+        0.0, "Also overwrite last.pth inside an epoch once this many wall-clock minutes have passed since the last "
+             "save (rank 0's clock, agreed by every rank at a step boundary): bounds the work a hard crash loses "
+             "on any hardware (0 = off).")
+    async_save: bool = doc(True, "Snapshot the state into host memory at a save point and write the files in a "
+                                 "background thread while training goes on (one save in flight; a stop, the end "
+                                 "and errors wait for it and verify it). False = write before the next step.")
     resume: str = doc("auto", '"auto" = continue from the newest checkpoint in output_dir whose checksum '
                               'verifies, or start when there is none; "" = start a new run (refused if output_dir '
                               "holds one); otherwise a checkpoint path. Resuming takes precedence over "
@@ -359,6 +366,7 @@ def validate(cfg: Config) -> None:
     _require(c.output_dir != "", "checkpoint.output_dir must not be empty")
     _require(c.keep >= 0, f"checkpoint.keep must be >= 0, got {c.keep}")
     _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0 steps, got {c.save_interval}")
+    _require(c.save_interval_min >= 0, f"checkpoint.save_interval_min must be >= 0 minutes, got {c.save_interval_min}")
     _require(w.mode in WANDB_MODES, f"wandb.mode must be one of {WANDB_MODES}, got {w.mode!r}")
     _require(w.mode == "disabled" or w.project != "", "wandb.project must not be empty unless wandb.mode is disabled")
 

@@ -21,7 +21,7 @@ import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, astuple, dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Protocol
 
 import torch
 from timm.utils import ModelEmaV3
@@ -39,7 +39,30 @@ from hrnet_cls.tracking import Tracker
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, int, Any]  # images (B,3,H,W), targets (B,), skipped, positions (B,)
-SaveFn = Callable[..., None]  # save(epoch, batch_in_epoch, global_step, sums=EpochSums); a collective
+class Saver(Protocol):
+    """train.py's checkpoints, as the loop uses them."""
+
+    def __call__(self, epoch: int, batch_in_epoch: int, global_step: int, *, sums: EpochSums) -> None:
+        """Save a mid-epoch checkpoint: a collective."""
+
+    def check(self) -> None:
+        """Raise the error of a background write that failed, at the step after it."""
+
+    def time_due(self) -> bool:
+        """Whether this rank asks for a save by the clock (checkpoint.save_interval_min)."""
+
+
+class NoSaves:
+    """A Saver that saves nothing (benchmarks, tests of the loop alone)."""
+
+    def __call__(self, epoch: int, batch_in_epoch: int, global_step: int, *, sums: EpochSums) -> None:
+        pass
+
+    def check(self) -> None:
+        pass
+
+    def time_due(self) -> bool:
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,7 +159,7 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
-                    tracker: Tracker, save: SaveFn, stop: StopRequest, carried: EpochSums | None = None) -> EpochResult:
+                    tracker: Tracker, save: Saver, stop: StopRequest, carried: EpochSums | None = None) -> EpochResult:
     """Train on the loader's remaining batches of ``epoch`` (0-based); ``global_step`` =
     optimizer steps taken before them; ``carried``: the epoch's totals before a resume.
     Every process must call it with equal loaders.
@@ -154,13 +177,15 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
         lr = parts.scheduler.step(start, end)
         loss = _train_step(parts, images, targets)
         global_step += 1
+        save.check()
         meter.add(loss, images.shape[0], skipped)
         if global_step % parts.log_interval == 0:
             meter.log(global_step, batch, lr, end, tracker)
-        if stop.poll():  # every process gets the same answer at the same step
+        if stop.poll(save.time_due()):  # every process gets the same answers at the same step
             stopped = True
             break
-        if _due(global_step, parts.save_interval) and batch < batches:  # the epoch end saves after validation
+        due = _due(global_step, parts.save_interval) or stop.save_agreed
+        if due and batch < batches:  # the epoch end saves after validation
             sums = meter.totals(global_step)  # raises on a NaN / inf before anything is written
             save(epoch, batch, global_step, sums=sums)
     return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)

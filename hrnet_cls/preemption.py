@@ -55,9 +55,10 @@ class StopRequest:
         self.signal: int | None = None  # the first stop signal received
         self._at = 0.0  # when it came (time.monotonic)
         self._previous: dict[int, Any] = {}
-        self._flag = np.zeros(1, dtype=np.int32)  # the all_reduce writes here; read without torch
+        self._flag = np.zeros(2, dtype=np.int32)  # [stop, save]: the all_reduce writes here; read without torch
         self._work: Any = None
         self._ignoring = False  # the stop is agreed: signals are ignored until the process exits
+        self.save_agreed = False  # poll()'s other answer: every rank saves a checkpoint here
 
     def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
@@ -98,15 +99,19 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous = {}
 
-    def poll(self) -> bool:
-        """Collective, called by every rank after every step: whether all ranks stop here."""
+    def poll(self, save: bool = False) -> bool:
+        """Collective, called by every rank after every step: whether all ranks stop here.
+
+        ``save``: this rank asks for a checkpoint (rank 0's save clock, checkpoint.save_interval_min);
+        the same reduction answers it, in ``save_agreed``, alike on every rank and as late as a stop."""
         if self.group is None:
+            self.save_agreed = save
             return self._agreed(self.signal is not None)
-        agreed = False
+        agreed = self.save_agreed = False
         if self._work is not None:
             self._work.wait()
-            agreed = bool(self._flag[0])
-        self._flag[0] = int(self.signal is not None)
+            agreed, self.save_agreed = bool(self._flag[0]), bool(self._flag[1])
+        self._flag[:] = (int(self.signal is not None), int(save))
         self._work = dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group,
                                      async_op=True)
         return self._agreed(agreed)
@@ -116,7 +121,7 @@ class StopRequest:
         if self.group is None:
             return self._agreed(self.signal is not None)
         self.settle()
-        self._flag[0] = int(self.signal is not None)
+        self._flag[:] = (int(self.signal is not None), 0)
         dist.all_reduce(torch.from_numpy(self._flag), op=dist.ReduceOp.MAX, group=self.group)
         return self._agreed(bool(self._flag[0]))
 

@@ -21,13 +21,15 @@ refused); every rank learns the outcome. Only rank 0 writes here.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, write_atomic
+from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, verify, write_atomic
+from hrnet_cls.background_save import BackgroundSave
 from hrnet_cls.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
 from hrnet_cls.config import Config, save_config
 from hrnet_cls.distributed import broadcast_object
@@ -71,12 +73,13 @@ def _problem(path: Path, exc: BaseException) -> str:
 class RunDir:
     """One run folder. Cheap to construct (no file-system access); :meth:`start` opens it."""
 
-    def __init__(self, path: str | Path, is_main: bool = True, keep: int = 0) -> None:
+    def __init__(self, path: str | Path, is_main: bool = True, keep: int = 0, async_save: bool = False) -> None:
         self.path = Path(path)
         self.is_main = is_main  # only the main rank writes
         self.keep = keep  # epoch_XXXX.pth files kept besides last.pth and best.pth
         self.lock: RunLock | None = None
         self.best_metric: float | None = None  # higher is better (val top-1)
+        self.writer = BackgroundSave(async_save)  # the checkpoint writes: in a thread, or in save()
 
     # ------------------------------------------------------------ names
 
@@ -204,8 +207,23 @@ class RunDir:
                               "checkpoint.output_dir")
         return None
 
+    def check(self) -> None:
+        """Raise the error of a background checkpoint write that failed (the previous file is intact)."""
+        self.writer.check()
+
+    def finish_saves(self) -> None:
+        """Wait for the checkpoint write in flight and verify last.pth against its .sha256: before a
+        stop's marker, at the end of training. Raises the write's error or ChecksumError."""
+        self.writer.wait()
+        if self.is_main and self.last.is_file():
+            verify(self.last)
+
     def close(self) -> None:
-        """Release the lock (idempotent)."""
+        """Let a checkpoint write in flight finish, then release the lock (idempotent)."""
+        try:
+            self.writer.wait()
+        except BaseException as exc:  # noqa: BLE001 - already leaving on an error: say it, keep that error
+            logger.error("the checkpoint write in flight failed too: %s", one_line(exc))
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -233,23 +251,27 @@ class RunDir:
         if self.is_main:
             self.preempted_marker.write_text(f"{where}\n")
 
-    def save(self, state: Mapping[str, Any], metric: float | None = None, epoch_end: bool = True) -> Path:
+    def save(self, state: Mapping[str, Any], metric: float | None = None, epoch_end: bool = True) -> None:
         """Write last.pth; at an epoch end also epoch_XXXX.pth (XXXX = state["epoch"] - 1);
         best.pth when metric improved. Each is an independent copy with its own checksum, so
-        a corrupted or truncated file takes no other with it."""
+        a corrupted or truncated file takes no other with it. With async_save the writes run in
+        the background (hrnet_cls.background_save) on a snapshot of ``state``."""
+        if epoch_end and self.keep > 0 and (state["batch_in_epoch"] != 0 or state["epoch"] < 1):
+            raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
         improved = metric is not None and (self.best_metric is None or metric > self.best_metric)
         if improved:
             self.best_metric = metric
-        save_checkpoint(self.last, {**state, "best_metric": self.best_metric})
+        write = functools.partial(self._write, epoch_end=epoch_end, best=metric if improved else None)
+        self.writer.submit(write, {**state, "best_metric": self.best_metric})
+
+    def _write(self, state: Mapping[str, Any], epoch_end: bool, best: float | None) -> None:
+        save_checkpoint(self.last, state)
         if epoch_end and self.keep > 0:
-            if state["batch_in_epoch"] != 0 or state["epoch"] < 1:
-                raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
             copy_atomic(self.last, self.path / epoch_name(state["epoch"] - 1))
             self._prune()
-        if improved:
+        if best is not None:
             copy_atomic(self.last, self.path / BEST)
-            logger.info("new best metric %.4f, saved %s", metric, self.path / BEST)
-        return self.last
+            logger.info("new best metric %.4f, saved %s", best, self.path / BEST)
 
     def _prune(self) -> None:
         epochs = sorted(self.path.glob(EPOCH_GLOB))

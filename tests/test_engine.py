@@ -8,7 +8,7 @@ from conftest import DIGITS, tiny_model
 from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.engine import build_parts, train_one_epoch
+from hrnet_cls.engine import NoSaves, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.preemption import StopRequest
 from hrnet_cls.run_dir import RunDir
@@ -33,7 +33,7 @@ def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
         parts.log_interval = interval
         with HostReads() as counter:
             result = train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
-                                     save=lambda *a: None, stop=StopRequest())
+                                     save=NoSaves(), stop=StopRequest())
         reads[interval] = counter.count
         assert result.step == steps and result.train_loss > 0 and not result.stopped
     # reads = constant + one per log line: nothing per step

@@ -101,17 +101,17 @@ def test_summary_csv_rows(tmp_path, wandb_env) -> None:
     cfg.wandb.mode = "disabled"
     tracker = Tracker(cfg, RunDir(tmp_path / "run", is_main=True))
     tracker.log_epoch(0, {"lr": 0.1, "train_loss": 2.0, "val_top1": 50.0, "val_top5": 80.0,
-                          "epoch_time_s": 12.5, "images_per_s": 1000.0, "skipped": 0, "train_images": 12500,
+                          "epoch_time_s": 12.5, "images_per_s": 1000.0, "skipped": 0, "train_images": 12500, "checkpoint_s": 0.25,
                           "extra_metric": 1.0})
     tracker.finish()
     with open(tmp_path / "run" / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     # the documented column order (README), written out: a reordered column breaks readers of the file
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_time_s",
-                             "images_per_s", "skipped", "train_images"] == list(SUMMARY_COLUMNS)
+                             "images_per_s", "skipped", "train_images", "checkpoint_s"] == list(SUMMARY_COLUMNS)
     assert rows == [{"epoch": "0", "step": "", "lr": "0.1", "train_loss": "2", "val_loss": "",
                      "val_top1": "50", "val_top5": "80", "epoch_time_s": "12.5",
-                     "images_per_s": "1000", "skipped": "0", "train_images": "12500"}]
+                     "images_per_s": "1000", "skipped": "0", "train_images": "12500", "checkpoint_s": "0.25"}]
     assert not list(tmp_path.glob("**/offline-run-*"))  # disabled: no W&B files
 
 
