@@ -152,6 +152,9 @@ class Checkpoints:
             self.run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
         self.last, self.asked = time.monotonic(), False
         self.seconds += time.perf_counter() - began
+        if batch_in_epoch:
+            logger.info("saved last.pth at epoch %d, batch %d, step %d (%.3f s in the loop)", epoch, batch_in_epoch,
+                        step, time.perf_counter() - began)
 
     def check(self) -> None:
         self.run.check()

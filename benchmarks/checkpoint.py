@@ -6,10 +6,15 @@
 The state is what train.py saves (model, EMA, SGD momentum). Timed: torch.save + fsync; save_checkpoint
 (temp file, sha256 while writing, fsync, rename, .sha256); verify (re-read + sha256, what resume=auto
 pays per candidate); a full torch.load (blind to a flipped byte in a tensor); the mmap load of the step.
+Then what the training loop pays per save through RunDir: synchronous (the whole write), and
+asynchronous (checkpoint.async_save): the loop's stall (the host snapshot) and the write the
+background thread does meanwhile, each save after the previous one finished.
 """
 import argparse
 import os
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import timm
@@ -18,6 +23,7 @@ import torch
 import hrnet_cls  # noqa: F401  (registers the models)
 from hrnet_cls.atomic import verify
 from hrnet_cls.checkpoint import build_state, load_checkpoint, save_checkpoint
+from hrnet_cls.run_dir import RunDir
 
 from benchmarks import harness
 
@@ -59,11 +65,31 @@ def rows(args: argparse.Namespace) -> dict[str, dict]:
             "save_checkpoint (sha256 while writing)": lambda: save_checkpoint(ours, state),
             "verify (read + sha256)": lambda: verify(ours),
             "torch.load, full": lambda: torch.load(ours, map_location="cpu", weights_only=True),
-            "load_checkpoint, mmap (the step only)": lambda: load_checkpoint(ours, mmap=True)["step"]}, args)
+            "load_checkpoint, mmap (the step only)": lambda: load_checkpoint(ours, mmap=True)["step"],
+            "RunDir.save, sync: the loop waits for the write": lambda: RunDir(tmp).save(state, epoch_end=False)},
+            args)
+        timed.update(background(state, Path(tmp) / "async", 3 * args.rounds))
         mib = ours.stat().st_size / harness.MIB
     base = timed["torch.save + fsync"].get("median_s")
     return {name: harness.timed_row(t, model=args.model, mib=mib, mib_per_s=harness.ratio(mib, t.get("median_s")),
                                     vs_torch_save=harness.ratio(t.get("median_s"), base)) for name, t in timed.items()}
+
+
+def background(state: dict, folder: Path, saves: int) -> dict[str, dict]:
+    """The loop's stall and the thread's write time of ``saves`` asynchronous saves, one at a time."""
+    run, stalls, writes = RunDir(folder, async_save=True), [], []
+    folder.mkdir()
+    for _ in range(saves):
+        written = run.writer.write_s
+        began = time.perf_counter()
+        run.save(state, epoch_end=False)
+        stalls.append(time.perf_counter() - began)
+        run.finish_saves()
+        writes.append(run.writer.write_s - written)
+    pooled = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t)}
+              for name, t in (("stall", stalls), ("write", writes))}
+    return {"RunDir.save, async: the loop's stall (snapshot)": pooled["stall"],
+            "RunDir.save, async: the background write": pooled["write"]}
 
 
 def main(argv: list[str]) -> int:

@@ -100,6 +100,48 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_pa
 
 
 @pytest.mark.slow
+def test_a_stop_while_background_saves_write_waits_for_them_and_resumes_bit_identical(tmp_path, whole) -> None:
+    out = tmp_path / "run"
+    proc, log = start(tmp_path, out, "checkpoint.save_interval=1")  # a write in flight at nearly every step
+    wait_for(proc, log, "epoch 1/2  batch 3/11")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == PREEMPTED_EXIT, log.read_text()[-3000:]
+    assert verify(out / "last.pth") and not list(out.glob(".*.tmp"))  # written whole before the marker
+    state = load(out / "last.pth")
+    assert (out / PREEMPTED_MARKER).read_text().startswith(f"epoch 1, batch {state['batch_in_epoch']}")
+    resumed = run_train(tmp_path, *RECIPE, "checkpoint.save_interval=1", f"checkpoint.output_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_training_state(load(out / "last.pth"), whole) and verify(out / "last.pth")
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert all(float(r["checkpoint_s"]) > 0 for r in rows)  # the loop's time in saves, each epoch
+
+
+@pytest.mark.slow
+def test_sigkill_while_background_saves_write_resumes_from_a_verified_file(tmp_path, whole) -> None:
+    out = tmp_path / "run"
+    proc, log = start(tmp_path, out, "checkpoint.save_interval=1")
+    wait_for(proc, log, "epoch 0/2  batch 7/11")
+    os.killpg(proc.pid, signal.SIGKILL)  # most likely inside a write: the thread dies with the process
+    proc.wait()
+    assert verify(out / "last.pth") and 0 < load(out / "last.pth")["batch_in_epoch"] < STEPS
+    resumed = run_train(tmp_path, *RECIPE, f"checkpoint.output_dir={out}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_training_state(load(out / "last.pth"), whole) and not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_save_interval_min_saves_at_step_boundaries_every_rank_agrees_on(tmp_path) -> None:
+    out = tmp_path / "run"  # 2 processes, rank 0's clock asks every 30 ms: a save every step or two
+    proc = run_train(tmp_path, *TINY_RECIPE, "data.batch_size=16", "schedule.epochs=1",
+                     "checkpoint.save_interval_min=0.0005", f"checkpoint.output_dir={out}", nproc=2, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a save only one rank joined would hang its collective
+    lines = proc.stderr.splitlines()
+    saves = [int(line.split(" step ")[1].split()[0]) for line in lines if "saved last.pth at" in line]
+    assert len(saves) >= 2 and saves == sorted(set(saves)) and all(0 < s < STEPS for s in saves), proc.stderr[-3000:]
+    assert verify(out / "last.pth") and load(out / "last.pth")["batch_in_epoch"] == 0  # the epoch end's, last
+
+
+@pytest.mark.slow
 def test_signals_that_keep_coming_after_the_stop_do_not_change_exit_75(tmp_path) -> None:
     out = tmp_path / "run"
     proc, log = start(tmp_path, out)
@@ -347,6 +389,7 @@ def in_process(monkeypatch):
 
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_and_the_last_good_checkpoint_stays_loadable(tmp_path) -> None:
+    # the saves are asynchronous (the default): each failure below happens in the background writer
     disk = tmp_path / "disk"
     mounted = mount_tmpfs(disk, "size=64m")
     out, recipe = disk / "run", [*TINY_RECIPE, "checkpoint.keep=0"]
