@@ -14,7 +14,8 @@ Train-time speed, per image (decode dominates):
   equality; BENCHMARKS.md, input pipeline). Any other image (CMYK, MPO, PNG, ..., a JPEG
   above PIL's decompression-bomb limit), and any JPEG simplejpeg refuses or warns about,
   goes through PIL exactly as before; so does everything when simplejpeg is not installed.
-  Evaluation always decodes with PIL (timm's pixels).
+  Evaluation decodes the whole image (no draft scale) the same way, simplejpeg where it gives
+  PIL's pixels exactly, and resizes with PIL: timm's pixels.
 - the crop box is chosen from the header size before decoding, then a JPEG is decoded at
   1/2, 1/4 or 1/8 scale (``Image.draft``) when the box still covers at least ``size``
   pixels per side at that scale: a smaller decode never drops below the output resolution;
@@ -263,6 +264,17 @@ def eval_resize(img_size: int, crop_pct: float) -> int:
     return math.floor(img_size / crop_pct)
 
 
+def _turbo_full(data: bytes) -> np.ndarray | None:
+    """The whole image decoded by simplejpeg where it gives PIL's pixels (turbo_header), else None."""
+    header = turbo_header(data)
+    if header is None:
+        return None
+    try:
+        return turbo_decode(data, *header, 1)
+    except (ValueError, RuntimeError):  # libjpeg warned: PIL decides, as in training
+        return None
+
+
 def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bilinear") -> torch.Tensor:
     """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8.
 
@@ -271,8 +283,10 @@ def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bili
     (torch's antialiased uint8 interpolate differs from it by up to 2 levels in ~0.6% of
     pixels, measured).
     """
-    with _decoding():
-        pixels, _ = _decode(Image.open(io.BytesIO(data)), keep=1.0)  # full scale
+    pixels = _turbo_full(data)
+    if pixels is None:
+        with _decoding():
+            pixels, _ = _decode(Image.open(io.BytesIO(data)), keep=1.0)  # full scale
     height, width = pixels.shape[:2]
     # output size as torchvision's Resize(int): shorter side = resize, longer side truncated
     if width <= height:
