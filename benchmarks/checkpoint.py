@@ -45,18 +45,19 @@ def plain_save(state: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace, report: harness.Report) -> None:
-    out = report.section("checkpoint", f"Verified checkpoints: {args.model} training state (model, EMA, momentum)")
+    out = report.section(f"checkpoint {args.model}",
+                         f"Verified checkpoints: {args.model} training state (model, EMA, momentum) on {args.device}")
     report.row(out, "checkpoint", lambda: rows(args), many=True)
 
 
 def rows(args: argparse.Namespace) -> dict[str, dict]:
-    model = timm.create_model(args.model)
+    model = timm.create_model(args.model).to(args.device)  # on a GPU the snapshot copies into pinned memory
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # momentum buffers exist, as in a real checkpoint
     state = build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0, config={},
-                        model_ema=timm.create_model(args.model))
+                        model_ema=timm.create_model(args.model).to(args.device))
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         plain, ours = Path(tmp) / "plain.pth", Path(tmp) / "last.pth"
         save_checkpoint(ours, state)  # the readers' file exists before their first call

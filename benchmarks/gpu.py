@@ -10,7 +10,11 @@ checkpointing (models --grad-ckpt); 3. fp16 + GradScaler in the engine (train --
 scale, host reads and CUDA syncs per step; 4. validation (validate), batch 1024: ours folded + NHWC +
 compiled against timm's eager model, and both validate.py paths end to end on 10,240 synthetic JPEGs;
 5. input pipeline (data): our loader, a worker per core, against section 1's demand (vs_demand), and
-nvJPEG; 6. a real train.py (train --parts train_py): ~300 steps, bf16, channels_last, compile.
+nvJPEG; 6. a real train.py (train --parts train_py): ~300 steps, bf16, channels_last, compile;
+7. checkpoints (checkpoint) of hrnet_w18_c and hrnet_w64_c training states on the GPU: a synchronous
+save, the asynchronous save's stall (copy into pinned host memory) and its background write.
+Section 1 also times timm's resnet50 alone at the same settings: the reference row (HRNet-W18's
+FLOPs equal ResNet-50's; timm's published RTX 3090 table has it at 0.39x ResNet-50's img/s).
 Each section has a time budget (SIGALRM) inside the command's limit; a row that fails or runs out of
 time records its error and the rest go on; OUT/gpu.json and gpu.md are rewritten after every row.
 Exit status: 0; 1 when a row recorded an error; 2 without CUDA (use --smoke) or for a bad --sections.
@@ -33,21 +37,24 @@ from hrnet_cls.errors import one_line
 from benchmarks import harness
 from benchmarks.data import make_shards
 
-FULL = dict(timm="hrnet_w18", w18="hrnet_w18_c", big=["hrnet_w44_c", "hrnet_w48_c"], img=224, batch=256,
+FULL = dict(timm="hrnet_w18", w18="hrnet_w18_c", big=["hrnet_w44_c", "hrnet_w48_c", "resnet50"], img=224, batch=256,
             ckpt=["hrnet_w18_c", "hrnet_w48_c"], val_batch=1024, precision="bf16", backend="inductor", min_time=2.0,
             fp16_model="hrnet_w18_c", fp16_steps=8, images=10240, unique=1024, loader_batch=64, decode_batch=256,
             train_model="hrnet_w18_c", train_batch=256, train_steps=300, train_compile=True, limit=440.0,
-            budgets={1: 140.0, 2: 30.0, 3: 20.0, 4: 70.0, 5: 30.0, 6: 130.0})
+            states=["hrnet_w18_c", "hrnet_w64_c"],
+            budgets={1: 140.0, 2: 30.0, 3: 20.0, 4: 70.0, 5: 30.0, 6: 100.0, 7: 40.0})
 # the code path on a CPU: timm's hrnet_w18_small and ours, hrnet_tiny_c, 32 px, a handful of steps, the
 # compile backend "eager"; the budgets leave a busy machine room (a section ending early leaves its time to the rest)
-SMOKE = dict(FULL, timm="hrnet_w18_small", w18="hrnet_w18_small_c", big=[], ckpt=["hrnet_tiny_c"], img=32, batch=2,
+SMOKE = dict(FULL, timm="hrnet_w18_small", w18="hrnet_w18_small_c", big=["resnet18"], ckpt=["hrnet_tiny_c"],
+             states=["hrnet_tiny_c"], img=32, batch=2,
              val_batch=4, precision="fp32", backend="eager", min_time=0.0, fp16_model="hrnet_tiny_c", fp16_steps=4,
              images=16, unique=8, loader_batch=4, decode_batch=4, train_model="hrnet_tiny_c", train_batch=8,
              train_steps=4, train_compile=False, limit=175.0,
-             budgets={1: 60.0, 2: 30.0, 3: 20.0, 4: 40.0, 5: 25.0, 6: 60.0})
+             budgets={1: 60.0, 2: 30.0, 3: 20.0, 4: 40.0, 5: 25.0, 6: 60.0, 7: 20.0})
 TITLES = {1: ("train_step", "Train step (synthetic batch)"), 2: ("grad_ckpt", "Gradient checkpointing"),
           3: ("fp16", "fp16 + GradScaler through the training engine"), 4: ("validation", "Validation"),
-          5: ("input_pipeline", "Input pipeline against the train step"), 6: ("train_py", "train.py end to end")}
+          5: ("input_pipeline", "Input pipeline against the train step"), 6: ("train_py", "train.py end to end"),
+          7: ("checkpoint", "Checkpoint saves: what the loop waits")}
 
 
 def options() -> argparse.ArgumentParser:
@@ -86,6 +93,8 @@ def runs(n: int, p: dict, args: argparse.Namespace, shards: Any, workers: int) -
                        shards.pattern, "--batch", str(p["train_batch"]), "--channels-last", "--train-steps",
                        str(p["train_steps"]), "--time-limit",
                        str(p["budgets"][6] - 5)] + ["--compile"] * p["train_compile"])],
+        7: [("checkpoint", ["--device", args.device, "--model", m, "--min-time", "0", "--rounds", "1"]
+             + ["--smoke"] * args.smoke) for m in p["states"]],
     }[n]
 
 

@@ -16,7 +16,8 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow  # a fresh interpreter; the smoke run ~30-50 s on 2 cores
 SECTIONS = {"train_step": "train_step", "grad_ckpt": "train_step", "fp16": "overhead", "validation": "model",
-            "input_pipeline": "pipelines", "train_py": "train_py"}  # gpu section -> a benchmark section inside it
+            "input_pipeline": "pipelines", "train_py": "train_py",
+            "checkpoint": "checkpoint hrnet_tiny_c"}  # gpu section -> a benchmark section inside it
 
 
 def gpu(*args: str, timeout: float) -> subprocess.CompletedProcess:
@@ -57,7 +58,8 @@ def test_smoke_runs_every_section_and_writes_numbers(smoke) -> None:
 def test_smoke_rows_hold_what_each_section_measures(smoke) -> None:
     s = smoke["json"]["sections"]
     step = s["train_step"]["sections"]["train_step"]["rows"]
-    assert set(step) == {"hrnet_w18_small (timm)", "hrnet_w18_small_c", "hrnet_w18_small_c compiled"}
+    assert set(step) == {"hrnet_w18_small (timm)", "hrnet_w18_small_c", "hrnet_w18_small_c compiled",
+                         "resnet18", "resnet18 compiled"}  # the reference row: timm's ResNet at the same settings
     for row in step.values():
         assert positive(row["peak_mem_mib"]) and positive(row["gmacs_per_image"]) and positive(row["first_s"])
         assert row["mfu"] is None  # no peak FLOP/s for a CPU: no made-up utilisation
@@ -85,6 +87,10 @@ def test_smoke_rows_hold_what_each_section_measures(smoke) -> None:
     run = s["train_py"]["sections"]["train_py"]["rows"]["train.py"]
     assert run["exit_status"] == 0 and run["epochs_done"] == run["epochs"] == 2 and run["steps_done"] == 4
     assert positive(run["images_per_s"]) and positive(run["wall_s"])
+    saves = s["checkpoint"]["sections"]["checkpoint hrnet_tiny_c"]["rows"]
+    for name in ("RunDir.save, sync: the loop waits for the write", "RunDir.save, async: the loop's stall (snapshot)",
+                 "RunDir.save, async: the background write"):
+        assert positive(saves[name]["median_s"]), name
 
 
 def test_without_cuda_the_full_run_refuses_in_one_line(tmp_path) -> None:
