@@ -77,7 +77,8 @@ def whole(whole_run) -> dict:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_path, whole, whole_run, sig) -> None:
     out = tmp_path / "run"
-    proc, log = start(tmp_path, out)
+    # with SIGTERM, a background write is in flight at nearly every step (a save at every step)
+    proc, log = start(tmp_path, out, *(["checkpoint.save_interval=1"] if sig == signal.SIGTERM else []))
     wait_for(proc, log, "epoch 1/2  batch 2/11")
     workers = children(proc.pid)
     os.killpg(proc.pid, sig)  # the whole process group, as Ctrl+C or a scheduler does: workers too
@@ -88,7 +89,7 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_pa
     assert state["epoch"] == 1 and 2 <= state["batch_in_epoch"] < STEPS  # mid-epoch, at a step boundary
     assert (out / PREEMPTED_MARKER).read_text().startswith(f"epoch 1, batch {state['batch_in_epoch']}")
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]  # DataLoader workers are gone
-    assert not (out / ".lock").exists()
+    assert not (out / ".lock").exists() and verify(out / "last.pth") and not list(out.glob(".*.tmp"))  # written whole
 
     resumed = run_train(tmp_path, *RECIPE, f"checkpoint.output_dir={out}")  # the same command again
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -97,36 +98,8 @@ def test_a_signal_saves_at_the_next_step_and_the_rerun_ends_bit_identical(tmp_pa
     rows = [[(r["train_images"], round(float(r["train_loss"]), 4)) for r in csv.DictReader(open(run / "summary.csv"))]
             for run in (whole_run, out)]
     assert rows[0] == rows[1]  # the stopped epoch's row covers all of it
-
-
-@pytest.mark.slow
-def test_a_stop_while_background_saves_write_waits_for_them_and_resumes_bit_identical(tmp_path, whole) -> None:
-    out = tmp_path / "run"
-    proc, log = start(tmp_path, out, "checkpoint.save_interval=1")  # a write in flight at nearly every step
-    wait_for(proc, log, "epoch 1/2  batch 3/11")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == PREEMPTED_EXIT, log.read_text()[-3000:]
-    assert verify(out / "last.pth") and not list(out.glob(".*.tmp"))  # written whole before the marker
-    state = load(out / "last.pth")
-    assert (out / PREEMPTED_MARKER).read_text().startswith(f"epoch 1, batch {state['batch_in_epoch']}")
-    resumed = run_train(tmp_path, *RECIPE, "checkpoint.save_interval=1", f"checkpoint.output_dir={out}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert same_training_state(load(out / "last.pth"), whole) and verify(out / "last.pth")
-    rows = list(csv.DictReader(open(out / "summary.csv")))
-    assert all(float(r["checkpoint_s"]) > 0 for r in rows)  # the loop's time in saves, each epoch
-
-
-@pytest.mark.slow
-def test_sigkill_while_background_saves_write_resumes_from_a_verified_file(tmp_path, whole) -> None:
-    out = tmp_path / "run"
-    proc, log = start(tmp_path, out, "checkpoint.save_interval=1")
-    wait_for(proc, log, "epoch 0/2  batch 7/11")
-    os.killpg(proc.pid, signal.SIGKILL)  # most likely inside a write: the thread dies with the process
-    proc.wait()
-    assert verify(out / "last.pth") and 0 < load(out / "last.pth")["batch_in_epoch"] < STEPS
-    resumed = run_train(tmp_path, *RECIPE, f"checkpoint.output_dir={out}")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert same_training_state(load(out / "last.pth"), whole) and not list(out.glob(".*.tmp"))
+    first = next(csv.DictReader(open(out / "summary.csv")))  # epoch 0, before the stop: the loop's time in saves
+    assert float(first["checkpoint_s"]) > 0 if sig == signal.SIGTERM else float(first["checkpoint_s"]) == 0
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import torch
 
 from conftest import (DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH,
                       digits_subset, load_script, read_offline_run, read_offline_runs, run_train, subprocess_env)
+from hrnet_cls.atomic import verify
 from hrnet_cls.config import load_config
 
 train_script = load_script("train.py")
@@ -176,7 +177,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(three_epoch_run
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> None:
-    common = [*RESUME_RECIPE, "checkpoint.save_interval=3", "train.log_interval=5"]
+    common = [*RESUME_RECIPE, "checkpoint.save_interval=1", "train.log_interval=5"]  # background writes at every step
     killed = tmp_path / "killed"
     cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
     victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path, wandb="offline"), stdout=subprocess.DEVNULL,
@@ -184,9 +185,10 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> 
     deadline = time.monotonic() + 120
     while not (killed / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    os.killpg(victim.pid, signal.SIGKILL)  # the trainer and its DataLoader worker
+    time.sleep(0.2)  # a few steps on: most likely inside a background write
+    os.killpg(victim.pid, signal.SIGKILL)  # the trainer, its writer thread and its DataLoader worker
     victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    assert victim.returncode == -signal.SIGKILL and verify(killed / "last.pth")  # the last complete write
     state = load(killed / "last.pth")
     assert state["epoch"] == 0 and 0 < state["batch_in_epoch"] < STEPS_PER_EPOCH  # killed mid-epoch
 
