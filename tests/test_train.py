@@ -46,8 +46,11 @@ def test_demo_reaches_90_percent_top1(tmp_path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows, epochs = summary(out), load_config("demo_digits.yaml").schedule.epochs
     assert len(rows) == epochs and float(rows[-1]["val_top1"]) >= 90.0, rows[-1]
-    for name in ("last.pth", "best.pth", "config.yaml", "summary.csv"):
-        assert (out / name).is_file(), name
+    # the folder README.md lists (W&B disabled here: no wandb_run_id, no wandb/), each .pth with its .sha256
+    newest = f"epoch_{epochs - 1:04d}.pth"
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["best.pth", "best.pth.sha256", "config.yaml", newest, f"{newest}.sha256", "last.pth", "last.pth.sha256",
+         "summary.csv"])
     # the only print is the final result line, and it agrees with summary.csv
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("final val top-1"), proc.stdout
