@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import hrnet_cls
 from conftest import tiny_model
 from hrnet_cls.flops import count_macs
+from hrnet_cls.hrnet_c import TIMM_TWINS
 from hrnet_cls.weights import init_from
 
 TINY = 'hrnet_tiny_c'
@@ -293,3 +294,12 @@ def test_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / 'nope.pth'
     with pytest.raises(RuntimeError, match='nope.pth'):
         timm.create_model(TINY, pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+
+@pytest.mark.slow  # 18 models built on the meta device: ~10 s on 2 cores
+def test_every_timm_twin_has_timms_state_dict_layout():
+    """The exports of hrnet_c.TIMM_TWINS name timm's architecture: its keys, in order, and shapes must be ours."""
+    for ours, theirs in TIMM_TWINS.items():
+        with torch.device('meta'):
+            a, b = timm.create_model(ours).state_dict(), timm.create_model(theirs).state_dict()
+        assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a), (ours, theirs)
