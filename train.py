@@ -143,18 +143,17 @@ class Checkpoints:
             if batch_in_epoch:  # the union of every rank's samples: a position any layout can continue from
                 consumed = np.unpackbits(np.bitwise_or.reduce([g[1] for g in gathered]),
                                          count=self.loader.plan.samples).astype(bool)
-            p = self.parts
+            p, sums = self.parts, asdict(sums) if sums and batch_in_epoch else None
             state = build_state(model=p.net, optimizer=p.optimizer, epoch=epoch, step=step,
                                 batch_in_epoch=batch_in_epoch, config=config_to_dict(self.cfg), metrics=metrics,
                                 model_ema=p.ema.module, scaler=p.scaler, rng=[g[0] for g in gathered],
-                                data=self.loader.state(consumed), epoch_sums=asdict(sums) if sums and batch_in_epoch
-                                else None)
+                                data=self.loader.state(consumed), epoch_sums=sums)
             self.run.save(state, metric=metric, epoch_end=batch_in_epoch == 0)
-        self.last, self.asked = time.monotonic(), False
-        self.seconds += time.perf_counter() - began
+        self.last, self.asked, spent = time.monotonic(), False, time.perf_counter() - began
+        self.seconds += spent
         if batch_in_epoch:
             logger.info("saved last.pth at epoch %d, batch %d, step %d (%.3f s in the loop)", epoch, batch_in_epoch,
-                        step, time.perf_counter() - began)
+                        step, spent)
 
     def check(self) -> None:
         self.run.check()

@@ -154,7 +154,7 @@ def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str
     HRNet-C's NHWC conv weights are stored NCHW for the save and put back after it.
     """
     twin = TIMM_TWINS.get(model.pretrained_cfg.get("architecture", ""))
-    loads_with = "timm" if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
+    loads_with = hub_card.PLAIN_TIMM if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
     model_config: dict[str, Any] = {"export": {**source.info, "loads_with": loads_with},
                                     **({"label_names": names} if names else {})}
     model.to(memory_format=torch.contiguous_format)
@@ -287,7 +287,7 @@ def export(args: argparse.Namespace) -> list[str]:
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    needs = "" if config["architecture"] != source.card.model.split(".")[0] else "import hrnet_cls; "
+    needs = "" if config["export"]["loads_with"] == hub_card.PLAIN_TIMM else "import hrnet_cls; "
     lines.append(f"load with: {needs}import timm; timm.create_model('local-dir:{out_dir}', pretrained=True)")
     return lines
 

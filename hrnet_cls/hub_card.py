@@ -17,6 +17,7 @@ from hrnet_cls.data import read_info
 
 README_NAME = "README.md"
 TAGS = ["image-classification", "timm", "hrnet", "hrnet-cls"]
+PLAIN_TIMM = "timm"  # config.json's export.loads_with for a folder under timm's own architecture name
 
 
 def dataset_name(train_shards: str) -> str:
@@ -69,7 +70,7 @@ def render(config: Mapping[str, Any], train_config: Mapping[str, Any], labels_no
     export, cfg = config["export"], config["pretrained_cfg"]
     dataset = dataset_name(str((train_config.get("data") or {}).get("train_shards") or ""))
     metrics = export.get("metrics") or {}
-    plain = config["architecture"] != export["model_name"]
+    plain = export["loads_with"] == PLAIN_TIMM
     load = [
         "```python",
         *([] if plain else ["import hrnet_cls  # registers the HRNet-C models with timm: this one needs it"]),

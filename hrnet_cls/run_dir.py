@@ -239,8 +239,9 @@ class RunDir:
         """The id of this run's W&B run. Resuming, the one in the folder (a resumed run continues
         its W&B run); otherwise, or when there is none, a new one, written down first."""
         path = self.path / WANDB_ID
-        if resuming and path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+        kept = path.read_text().strip() if resuming and path.is_file() else ""
+        if kept:
+            return kept
         run_id = secrets.token_hex(4)  # 8 lowercase characters, as wandb's own ids
         write_atomic(path, f"{run_id}\n")
         return run_id

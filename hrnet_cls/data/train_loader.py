@@ -23,12 +23,12 @@ from hrnet_cls.data.sources import (
     RawSample,
     Segment,
     SkipCounter,
+    checked_lengths,
     chunks,
     expand_urls,
     num_classes_of,
     read_info,
     read_segment,
-    checked_lengths,
     shuffle_buffer,
     warn,
 )
@@ -204,15 +204,16 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
             skipped.add(url, n)
     for local, chunk in enumerate(chunks(stream, plan.batch_size)):
         # skips are charged to the batch whose reading met them: the same with or without resume
-        new_skips, by_shard = skipped.take()
         if local < first:
-            continue  # cut from raw bytes, never decoded
+            skipped.take()  # cut from raw bytes, never decoded: its skips were reported before the resume
+            continue
         images, targets, failed, positions = _decode_train_batch(chunk, plan, normalize)
         for position in failed:
-            by_shard[plan.shard_of(position)] = by_shard.get(plan.shard_of(position), 0) + 1
+            skipped.add(plan.shard_of(position))
+        bad, by_shard = skipped.take()
         # as bytes: a DataLoader would make an array a tensor; kept out of torch, the training loop reads
         # no tensor per step (benchmarks/train.py counts every such read)
-        yield local * plan.slots + slot, (images, targets, new_skips + len(failed), positions.tobytes(), by_shard)
+        yield local * plan.slots + slot, (images, targets, bad, positions.tobytes(), by_shard)
 
 
 class _TrainStream(IterableDataset):

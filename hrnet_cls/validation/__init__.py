@@ -33,7 +33,8 @@ from hrnet_cls.validation.specs import (ModelSpec, Preprocess, Row, SweepError, 
                                        describe_all, model_specs)
 
 __all__ = [
-    "ModelSpec", "PassStats", "Preprocess", "RESULT_COLUMNS", "RESULT_FORMATS", "Row", "TIMM_COLUMNS", "SweepError", "SweepSettings", "build_rows",
+    "ModelSpec", "PassStats", "Preprocess", "RESULT_COLUMNS", "RESULT_FORMATS", "Row", "SweepError", "SweepSettings",
+    "TIMM_COLUMNS", "build_rows",
     "checkpoint_specs", "describe", "describe_all", "expected_samples", "format_table", "model_specs",
     "plan_passes", "row_record", "run_pass", "run_sweep", "write_results",
 ]
