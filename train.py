@@ -35,21 +35,21 @@ from timm.utils import random_seed
 from torch import nn
 
 from hrnet_cls.atomic import verify
-from hrnet_cls.checkpoint import build_state, capture_rng, load_checkpoint
+from hrnet_cls.train.state import build_state, capture_rng, load_checkpoint
 from hrnet_cls.config import Config, ConfigError, check_model_name, config_to_dict, load_config
 from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
 from hrnet_cls.data.sources import info_num_classes
 from hrnet_cls.distributed import DistInfo, all_gather_object, barrier, broadcast_buffers, cleanup, init_distributed
-from hrnet_cls.engine import BadDataError, EpochSums, NonFiniteLossError, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.train.engine import BadDataError, EpochSums, NonFiniteLossError, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.errors import one_line, os_error_line
-from hrnet_cls.evaluation import evaluate
+from hrnet_cls.validation.evaluation import evaluate
 from hrnet_cls.precision import Precision
-from hrnet_cls.preemption import PREEMPTED_EXIT, Preempted, StopRequest
-from hrnet_cls.resume import Position, restore
-from hrnet_cls.run_dir import RunDir, RunDirError, Start
-from hrnet_cls.tracking import Tracker
-from hrnet_cls.model_card import ModelCard, create_model
-from hrnet_cls.weights import read_state_dict
+from hrnet_cls.train.preemption import PREEMPTED_EXIT, Preempted, StopRequest
+from hrnet_cls.train.resume import Position, restore
+from hrnet_cls.train.checkpointer import RunDir, RunDirError, Start
+from hrnet_cls.train.tracking import Tracker
+from hrnet_cls.models.description import ModelDescription, create_model
+from hrnet_cls.models.weights import read_state_dict
 
 logger = logging.getLogger("train")
 
@@ -105,7 +105,7 @@ def build_model(cfg: Config, info: DistInfo, start_from: str) -> nn.Module:
     if start_from:
         logger.info("initialising %s from %s", cfg.model.name, start_from)
     try:  # a classifier of another num_classes keeps its fresh init
-        net = create_model(ModelCard.from_config(cfg), init_from=start_from, channels_last=cfg.train.channels_last,
+        net = create_model(ModelDescription.from_config(cfg), init_from=start_from, channels_last=cfg.train.channels_last,
                            drop_path_rate=cfg.model.drop_path_rate)
     except Exception as e:  # noqa: BLE001 - truncated, not a checkpoint, another architecture
         if not start_from:

@@ -22,8 +22,8 @@ import torch
 
 import hrnet_cls  # noqa: F401  (registers the models)
 from hrnet_cls.atomic import verify
-from hrnet_cls.checkpoint import build_state, load_checkpoint, save_checkpoint
-from hrnet_cls.run_dir import RunDir
+from hrnet_cls.train.state import build_state, load_checkpoint, save_checkpoint
+from hrnet_cls.train.checkpointer import RunDir
 
 from benchmarks import harness
 

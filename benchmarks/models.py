@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import hrnet_cls  # noqa: F401  (registers the models)
-from hrnet_cls.flops import count_macs
+from hrnet_cls.models.inference import count_macs
 from hrnet_cls.precision import Precision
 
 from benchmarks import harness

@@ -36,12 +36,12 @@ from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
 from hrnet_cls.config import Config
 from hrnet_cls.data import expand_urls, read_info, shard_lengths
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.engine import NoSaves, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.train.engine import NoSaves, TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
-from hrnet_cls.preemption import StopRequest
-from hrnet_cls.run_dir import RunDir
+from hrnet_cls.train.preemption import StopRequest
+from hrnet_cls.train.checkpointer import RunDir
 from hrnet_cls.timing import HostReads
-from hrnet_cls.tracking import Tracker
+from hrnet_cls.train.tracking import Tracker
 
 from benchmarks import harness
 

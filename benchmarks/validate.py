@@ -22,11 +22,11 @@ import timm.data
 import torch
 
 import hrnet_cls  # noqa: F401  (registers the models)
-from hrnet_cls.checkpoint import build_state, save_checkpoint
+from hrnet_cls.train.state import build_state, save_checkpoint
 from hrnet_cls.data import build_val_loader, expand_urls, read_info
 from hrnet_cls.data.workers import usable_cores
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.fusion import fold_batchnorm
+from hrnet_cls.models.inference import fold_batchnorm
 from hrnet_cls.precision import Precision
 from hrnet_cls.validation import (SweepSettings, build_rows, checkpoint_specs, describe_all, expected_samples,
                                   model_specs, run_sweep)

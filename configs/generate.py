@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hrnet_cls.config import Config, config_to_yaml  # noqa: E402
-from hrnet_cls.hrnet_c import VARIANTS  # noqa: E402
+from hrnet_cls.models.hrnet_c import VARIANTS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -35,7 +35,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
     timeout_s bounds how long a collective waits for a stuck rank before raising (a
     process that died, or one that never arrives): the run then fails instead of hanging.
     The control group (gloo, CPU tensors) carries small agreements such as the stop flag of
-    hrnet_cls.preemption without touching the GPU stream.
+    hrnet_cls.train.preemption without touching the GPU stream.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))

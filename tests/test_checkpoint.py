@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from conftest import same_weights, tiny_model
-from hrnet_cls.checkpoint import (
+from hrnet_cls.train.state import (
     build_state,
     capture_rng,
     git_commit,
@@ -27,8 +27,8 @@ from hrnet_cls.checkpoint import (
     save_checkpoint,
 )
 from hrnet_cls.config import Config, config_to_dict
-from hrnet_cls.optim import build_optimizer
-from hrnet_cls.run_dir import RunDir, RunDirError, Start
+from hrnet_cls.train.optim import build_optimizer
+from hrnet_cls.train.checkpointer import RunDir, RunDirError, Start
 
 CONFIG = config_to_dict(Config())
 
@@ -123,7 +123,7 @@ def test_failed_save_keeps_previous_file(tmp_path, model) -> None:
 # parent SIGKILLs it there: the situation of a node dying in the middle of a save.
 CHILD = """
 import sys, time, pathlib, torch
-from hrnet_cls.checkpoint import save_checkpoint
+from hrnet_cls.train.state import save_checkpoint
 class Hang:
     def __reduce__(self):
         pathlib.Path(sys.argv[2]).write_text("saving")
@@ -185,11 +185,11 @@ def test_corrupt_newest_checkpoint_falls_back(tmp_path, model, caplog) -> None:
     data = (tmp_path / "last.pth").read_bytes()
     with open(tmp_path / "last.pth", "r+b") as f:
         f.truncate(len(data) // 2)
-    with caplog.at_level(logging.WARNING, logger="hrnet_cls.run_dir"):
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.train.checkpointer"):
         assert started(tmp_path).checkpoint == tmp_path / "epoch_0002.pth"
     (tmp_path / "epoch_0002.pth").write_bytes(b"not a checkpoint")
     (tmp_path / "epoch_0001.pth").write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit
-    with caplog.at_level(logging.WARNING, logger="hrnet_cls.run_dir"):
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.train.checkpointer"):
         start = started(tmp_path)
         assert start.checkpoint == tmp_path / "epoch_0000.pth" and start.position.step == 100
     assert "last.pth" in caplog.text and "epoch_0002.pth" in caplog.text and "epoch_0001.pth" in caplog.text

@@ -26,8 +26,8 @@ from conftest import (DIGITS, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_E
                       load_script, run_train, subprocess_env, train_command)
 from hrnet_cls.atomic import ChecksumError, verify
 from hrnet_cls.data import build_train_loader, transforms
-from hrnet_cls.preemption import PREEMPTED_EXIT, REPEAT_S
-from hrnet_cls.run_dir import PREEMPTED as PREEMPTED_MARKER
+from hrnet_cls.train.preemption import PREEMPTED_EXIT, REPEAT_S
+from hrnet_cls.train.checkpointer import PREEMPTED as PREEMPTED_MARKER
 
 train_script = load_script("train.py")
 RECIPE = RESUME_RECIPE

@@ -20,7 +20,7 @@ from hrnet_cls.config import (
     load_config,
     save_config,
 )
-from hrnet_cls.hrnet_c import VARIANTS
+from hrnet_cls.models.hrnet_c import VARIANTS
 from hrnet_cls.precision import Precision, resolve
 
 RECIPES = sorted(CONFIG_DIR.glob("*.yaml"))

@@ -27,7 +27,7 @@ from conftest import (DIGITS, NUM_CLASSES, epoch_batches, id_png, id_shards, ids
 from hrnet_cls.data import build_train_loader, build_val_loader, expand_urls, read_info, shard_lengths, sources
 from hrnet_cls.data import train_loader
 from hrnet_cls.data.transforms import Normalizer, _decode, eval_crop, train_crop
-from hrnet_cls.evaluation import accuracy_counts, feed, reduce
+from hrnet_cls.validation.evaluation import accuracy_counts, feed, reduce
 from hrnet_cls.precision import Precision
 
 # ---------------------------------------------------------------- shard lists

@@ -8,12 +8,12 @@ from conftest import DIGITS, tiny_model
 from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.engine import NoSaves, build_parts, train_one_epoch
+from hrnet_cls.train.engine import NoSaves, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
-from hrnet_cls.preemption import StopRequest
-from hrnet_cls.run_dir import RunDir
+from hrnet_cls.train.preemption import StopRequest
+from hrnet_cls.train.checkpointer import RunDir
 from hrnet_cls.timing import HostReads
-from hrnet_cls.tracking import Tracker
+from hrnet_cls.train.tracking import Tracker
 
 TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images
 NO_TRACKER = Tracker(Config(), RunDir("unused", is_main=False))  # a non-main rank's tracker: writes nothing

@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import DIGITS_VAL as VAL, tiny_model
 from hrnet_cls.data import build_val_loader
-from hrnet_cls.evaluation import accuracy_counts, evaluate, feed, reduce
+from hrnet_cls.validation.evaluation import accuracy_counts, evaluate, feed, reduce
 from hrnet_cls.precision import Precision
 from hrnet_cls.timing import HostReads
 

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DIGITS, DIGITS_VAL as VAL, REPO, load_script, same_weights, subprocess_env, tiny_model
-from hrnet_cls.checkpoint import build_state, save_checkpoint
+from hrnet_cls.train.state import build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_val_loader
 from hrnet_cls.export import OPSET, main

@@ -14,8 +14,8 @@ from timm.models import FeatureGraphNet, create_feature_extractor, get_graph_nod
 from timm.models._features import FeatureGetterNet
 
 import hrnet_cls
-from hrnet_cls.blocks import DropPath, _upsample_add
-from hrnet_cls.features import hrnetv2_features
+from hrnet_cls.models.blocks import DropPath, _upsample_add
+from hrnet_cls.models.features import hrnetv2_features
 
 # One torch thread (conftest): on the shared 2-core machine two threads spin-wait on each other.
 pytestmark = pytest.mark.usefixtures('one_thread')

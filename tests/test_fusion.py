@@ -6,7 +6,7 @@ import timm
 import torch
 
 from conftest import tiny_model
-from hrnet_cls.fusion import fold_batchnorm
+from hrnet_cls.models.inference import fold_batchnorm
 
 
 def calibrated(model: torch.nn.Module, size: int = 64) -> torch.nn.Module:

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 import hrnet_cls
 from conftest import tiny_model
-from hrnet_cls.flops import count_macs
-from hrnet_cls.hrnet_c import TIMM_TWINS
-from hrnet_cls.weights import init_from
+from hrnet_cls.models.inference import count_macs
+from hrnet_cls.models.hrnet_c import TIMM_TWINS
+from hrnet_cls.models.weights import init_from
 
 TINY = 'hrnet_tiny_c'
 
@@ -32,11 +32,11 @@ def test_registry_holds_exactly_our_family_and_timm_keeps_its_own():
     assert set(timm.list_models('hrnet*_c*')) == set(hrnet_cls.VARIANTS)  # the one table in hrnet_c.py
     for name in ('hrnet_w18', 'hrnet_w18_small', 'hrnet_w44'):
         assert timm.models.model_entrypoint(name).__module__ == 'timm.models.hrnet'
-    assert timm.models.model_entrypoint('hrnet_w44_c').__module__ == 'hrnet_cls.hrnet_c'
+    assert timm.models.model_entrypoint('hrnet_w44_c').__module__ == 'hrnet_cls.models.hrnet_c'
 
 
 def test_registering_refuses_to_replace_a_model_someone_else_registered():
-    from hrnet_cls.hrnet_c import _register
+    from hrnet_cls.models.hrnet_c import _register
 
     def resnet18(pretrained=False, **kwargs):  # timm's own name, from another module
         raise AssertionError('never registered, never called')

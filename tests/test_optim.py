@@ -9,7 +9,7 @@ from torch import nn
 import hrnet_cls
 from conftest import tiny_model
 from hrnet_cls.config import OptimConfig, ScheduleConfig
-from hrnet_cls.optim import build_optimizer, build_scheduler
+from hrnet_cls.train.optim import build_optimizer, build_scheduler
 
 
 class HRNetNamed(nn.Module):

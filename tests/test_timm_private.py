@@ -1,4 +1,4 @@
-"""The private timm functions hrnet_cls.timm_private wraps: fail here, not deep in an export or a
+"""The private timm functions hrnet_cls.models.timm_private wraps: fail here, not deep in an export or a
 forward_intermediates call, when timm moves or changes them."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import inspect
 import pytest
 import timm
 
-from hrnet_cls import timm_private
+from hrnet_cls.models import timm_private
 
 
 def test_feature_take_indices_keeps_timms_index_rule() -> None:

@@ -20,8 +20,8 @@ import pytest
 
 from conftest import read_offline_run
 from hrnet_cls.config import Config
-from hrnet_cls.run_dir import RunDir
-from hrnet_cls.tracking import SUMMARY_COLUMNS, Tracker, resolve_wandb_mode
+from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.train.tracking import SUMMARY_COLUMNS, Tracker, resolve_wandb_mode
 
 
 def offline_config(tmp_path: Path) -> Config:
@@ -239,14 +239,14 @@ def test_init_failure_is_bounded_and_warned_once(tmp_path, wandb_env, monkeypatc
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="hrnet_cls.tracking"):
+    with caplog.at_level(logging.WARNING, logger="hrnet_cls.train.tracking"):
         tracker = Tracker(online_config(tmp_path), RunDir(tmp_path / "run", is_main=True),
                           connect_timeout_s=1.0, init_timeout_s=2.0)
     elapsed = time.monotonic() - started
     server.close()
     assert 2.0 <= elapsed < 15.0
     assert tracker.run is None
-    ours = [r for r in caplog.records if r.name == "hrnet_cls.tracking" and r.levelno >= logging.WARNING]
+    ours = [r for r in caplog.records if r.name == "hrnet_cls.train.tracking" and r.levelno >= logging.WARNING]
     assert len(ours) == 1 and "wandb.init failed" in ours[0].getMessage()
     assert_trains_on_without_wandb(tracker, tmp_path)
 
@@ -257,8 +257,8 @@ def test_online_without_key_never_prompts_on_a_terminal(tmp_path, wandb_env, mon
     come up without W&B instead (a child process on a pseudo-terminal, wandb not silenced)."""
     monkeypatch.delenv("WANDB_SILENT")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.run_dir import RunDir\n"
-            "from hrnet_cls.tracking import Tracker\n"
+    code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.train.checkpointer import RunDir\n"
+            "from hrnet_cls.train.tracking import Tracker\n"
             "cfg = Config()\ncfg.wandb.mode = 'online'\n"
             "print('run:', Tracker(cfg, RunDir('out', is_main=True)).run, flush=True)\n")
     primary, secondary = pty.openpty()

@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from conftest import DIGITS, DIGITS_VAL as VAL, DIGITS_VAL_SAMPLES as VAL_SAMPLES, REPO, load_script, subprocess_env, tiny_model
 from hrnet_cls.atomic import sidecar
-from hrnet_cls.checkpoint import build_state, save_checkpoint
+from hrnet_cls.train.state import build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
 from hrnet_cls.distributed import DistInfo
@@ -360,15 +360,15 @@ def test_local_dir_folders_are_described_from_their_config_json(random_ckpts, tm
     (unknown / "config.json").write_text(json.dumps({**config, "architecture": "hrnet_nosuch_c"}))
     names = [f"local-dir:{p}" for p in (folder, odd, tmp_path / "nowhere", unknown)]
     a, b, nowhere, bad = describe_all(model_specs(names))
-    assert (a.error, a.source, a.model, a.card.num_classes) == ("", "pretrained", names[0], 10)
-    assert (a.card.img_size, a.card.crop_pct, a.card.interpolation) == (32, 1.0, "bilinear")  # the recipe's
-    assert (a.card.mean, a.card.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    assert (b.error, b.card.img_size, b.card.crop_pct, b.card.interpolation, b.card.mean, b.card.std) == (
+    assert (a.error, a.source, a.model, a.desc.num_classes) == ("", "pretrained", names[0], 10)
+    assert (a.desc.img_size, a.desc.crop_pct, a.desc.interpolation) == (32, 1.0, "bilinear")  # the recipe's
+    assert (a.desc.mean, a.desc.std) == (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    assert (b.error, b.desc.img_size, b.desc.crop_pct, b.desc.interpolation, b.desc.mean, b.desc.std) == (
         "", 64, 0.95, "bicubic", (0.5,) * 3, (0.25,) * 3)
     assert nowhere.error == f"{names[2]}: {tmp_path / 'nowhere'}: no such model folder"
     assert bad.error.startswith(f"{names[3]}: unknown timm model 'hrnet_nosuch_c'")
     (with_weights,) = describe_all(model_specs(names[:1], weights=str(random_ckpts["b"])))
-    assert (with_weights.error, with_weights.source, with_weights.card.num_classes) == ("", "weights", 10)
+    assert (with_weights.error, with_weights.source, with_weights.desc.num_classes) == ("", "weights", 10)
 
 
 def test_a_local_dir_folder_validates_like_its_checkpoint_in_the_same_pass(random_ckpts, tmp_path, caplog) -> None:

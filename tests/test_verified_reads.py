@@ -14,10 +14,10 @@ import torch
 
 from conftest import DIGITS_VAL as VAL, TINY_RECIPE, load_script, tiny_model
 from hrnet_cls.atomic import ChecksumError, sidecar, verify
-from hrnet_cls.checkpoint import build_state, load_checkpoint, save_checkpoint
+from hrnet_cls.train.state import build_state, load_checkpoint, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.export import main as export_main
-from hrnet_cls.run_dir import RunDir
+from hrnet_cls.train.checkpointer import RunDir
 
 train_script = load_script("train.py")
 validate = load_script("validate.py")

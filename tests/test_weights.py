@@ -1,4 +1,4 @@
-"""hrnet_cls.weights: one reader for every weights file, strict loading, the explicit head reset."""
+"""hrnet_cls.models.weights: one reader for every weights file, strict loading, the explicit head reset."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import same_weights as same, tiny_model
-from hrnet_cls.checkpoint import build_state, save_checkpoint
+from hrnet_cls.train.state import build_state, save_checkpoint
 from hrnet_cls.config import Config, config_to_dict
-from hrnet_cls.optim import build_optimizer
-from hrnet_cls.weights import init_from, load_strict, pick_state_dict, read_file, read_state_dict, reset_mismatched_head
+from hrnet_cls.train.optim import build_optimizer
+from hrnet_cls.models.weights import init_from, load_strict, pick_state_dict, read_file, read_state_dict, reset_mismatched_head
 
 
 def tiny(num_classes: int = 10, seed: int = 0) -> torch.nn.Module:

@@ -28,7 +28,7 @@ seen exactly once; ranks may yield different numbers of batches.
 
 Evaluation batches are ``(images, targets, skipped)``: float32 (B, 3, S, S) normalised, int64
 (B,), and the number of bad samples this worker skipped since its previous batch;
-hrnet_cls.evaluation turns them into exact counts. Training batches add the samples'
+hrnet_cls.validation.evaluation turns them into exact counts. Training batches add the samples'
 positions in the epoch, int64 (B,).
 
 Modules: ``sources`` (shard lists, _info.json, reading and checking samples), ``transforms``

@@ -11,7 +11,7 @@ from typing import Iterator
 from torch.utils.data import DataLoader, IterableDataset
 
 from hrnet_cls.data.transforms import INTERPOLATIONS
-from hrnet_cls.preemption import STOP_SIGNALS
+from hrnet_cls.train.preemption import STOP_SIGNALS
 
 # Workers are forked on Linux even where the process itself was spawned (mp.spawn sets
 # "spawn" as the default): a spawned worker re-imports torch and timm, 5-20 s per worker

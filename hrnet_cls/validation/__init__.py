@@ -5,12 +5,12 @@ model, or timm's pretrained weights) evaluated at one (img_size, crop_pct). Step
 
 1. ``specs``: ``checkpoint_specs`` / ``model_specs`` turn the command line into
    ``ModelSpec`` s; ``describe_all`` reads each one's model name, classes and default
-   preprocessing (a hrnet_cls.model_card.ModelCard: from the checkpoint's config, or the
+   preprocessing (a hrnet_cls.models.description.ModelDescription: from the checkpoint's config, or the
    model's pretrained_cfg), and
    ``build_rows`` takes the product with the requested image sizes and crop ratios;
 2. ``passes``: ``run_sweep`` groups the rows by preprocessing (img_size, crop_pct,
    interpolation, mean, std) and validates each group in one *pass*: one loader, every
-   batch decoded once and fed to each model of the group (hrnet_cls.evaluation);
+   batch decoded once and fed to each model of the group (hrnet_cls.validation.evaluation);
 3. ``report``: the console table and the CSV / JSON results file.
 
 Exact numbers: each sample is read by exactly one (rank, worker) slot of the val loader

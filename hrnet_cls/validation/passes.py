@@ -20,13 +20,13 @@ from torch import nn
 from hrnet_cls.data import build_val_loader, read_info, shard_lengths
 from hrnet_cls.distributed import DistInfo, all_gather_object
 from hrnet_cls.errors import one_line
-from hrnet_cls.evaluation import Tally, feed, reduce
-from hrnet_cls.flops import count_macs
-from hrnet_cls.fusion import fold_batchnorm
+from hrnet_cls.validation.evaluation import Tally, feed, reduce
+from hrnet_cls.models.inference import count_macs
+from hrnet_cls.models.inference import fold_batchnorm
 from hrnet_cls.precision import Precision
-from hrnet_cls.model_card import create_model
+from hrnet_cls.models.description import create_model
 from hrnet_cls.validation.specs import PRETRAINED, ModelSpec, Preprocess, Row, merge_errors
-from hrnet_cls.weights import read_state_dict
+from hrnet_cls.models.weights import read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class SweepSettings:
     channels_last: bool = False
     use_ema: bool = False
     max_models_per_pass: int = 0  # 0 = every model of a preprocessing group in one pass
-    fold_bn: bool = True  # fold BatchNorm into the convolutions (hrnet_cls.fusion): same numbers, faster
+    fold_bn: bool = True  # fold BatchNorm into the convolutions (hrnet_cls.models.inference): same numbers, faster
     compile: bool = False  # torch.compile each model, weights frozen (slow first batches, faster after)
 
 
@@ -89,7 +89,7 @@ def plan_passes(rows: Sequence[Row], max_models_per_pass: int = 0) -> list[list[
 def build_model(spec: ModelSpec, use_ema: bool = False) -> nn.Module:
     """The spec's model with its weights, on the CPU, in eval mode."""
     weights = None if spec.source == PRETRAINED else read_state_dict(spec.path, use_ema)
-    return create_model(spec.card, weights, pretrained=spec.source == PRETRAINED).eval()
+    return create_model(spec.desc, weights, pretrained=spec.source == PRETRAINED).eval()
 
 
 def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, int]) -> list[nn.Module | None]:
@@ -102,7 +102,7 @@ def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, i
     for row in rows:
         try:
             model = build_model(row.spec, settings.use_ema)
-            key = (row.spec.model, row.spec.card.num_classes, row.img_size)
+            key = (row.spec.model, row.spec.desc.num_classes, row.img_size)
             if key not in macs:  # a forward at img_size on the CPU: an unusable size fails here
                 macs[key] = count_macs(model, (3, row.img_size, row.img_size))
             row.params, row.gmacs = sum(p.numel() for p in model.parameters()), macs[key] / 2**30

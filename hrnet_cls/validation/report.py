@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hrnet_cls.atomic import write_atomic
-from hrnet_cls.hrnet_c import PAPER_TOP1
+from hrnet_cls.models.hrnet_c import PAPER_TOP1
 from hrnet_cls.validation.specs import Row
 
 TIMM_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
@@ -28,8 +28,8 @@ RESULT_FORMATS = ("csv", "json")
 
 def paper_top1(row: Row) -> float | None:
     """The published ImageNet top-1 of the row's variant; None unless it has 1000 classes."""
-    card = row.spec.card
-    if card is None or card.num_classes != 1000:
+    desc = row.spec.desc
+    if desc is None or desc.num_classes != 1000:
         return None
     return PAPER_TOP1.get(row.spec.model.split(".")[0])
 
@@ -37,12 +37,12 @@ def paper_top1(row: Row) -> float | None:
 def row_record(row: Row) -> dict[str, Any]:
     """The results file's row: RESULT_COLUMNS in order (None where there is no value)."""
     paper = paper_top1(row)
-    card = row.spec.card
+    desc = row.spec.desc
     values = dict(
         model=row.spec.model, top1=row.top1, top1_err=None if row.top1 is None else 100.0 - row.top1,
         top5=row.top5, top5_err=None if row.top5 is None else 100.0 - row.top5,
         param_count=None if row.params is None else round(row.params / 1e6, 2), img_size=row.img_size,
-        crop_pct=row.crop_pct, interpolation=card.interpolation if card else None, checkpoint=row.spec.label,
+        crop_pct=row.crop_pct, interpolation=desc.interpolation if desc else None, checkpoint=row.spec.label,
         loss=row.loss, samples=row.samples, skipped=row.skipped, expected_samples=row.expected_samples,
         verified=row.spec.verified, precision=row.precision or None, device=row.device or None,
         images_per_s=row.images_per_s, gmacs=row.gmacs, paper_top1=paper,

@@ -13,8 +13,8 @@ import timm
 from hrnet_cls.atomic import verify
 from hrnet_cls.distributed import all_gather_object
 from hrnet_cls.errors import one_line
-from hrnet_cls.model_card import ModelCard, is_checkpoint, is_local_dir
-from hrnet_cls.weights import pick_state_dict, read_file, read_state_dict
+from hrnet_cls.models.description import ModelDescription, is_checkpoint, is_local_dir
+from hrnet_cls.models.weights import pick_state_dict, read_file, read_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ModelSpec:
     source: str  # CHECKPOINT | WEIGHTS | PRETRAINED
     path: str = ""  # checkpoint or weights file as named on the command line ("" for pretrained)
     model: str = ""  # timm name; a checkpoint's is read from the file by describe()
-    card: ModelCard | None = None  # None until described
+    desc: ModelDescription | None = None  # None until described
     error: str = ""  # why this spec cannot be validated ("" = fine so far)
     verified: bool | None = None  # the file matched its .sha256 (False: it has none); None: no file
 
@@ -85,20 +85,20 @@ def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
 # ---------------------------------------------------------------- describing specs
 
 
-def _describe_checkpoint(spec: ModelSpec, use_ema: bool) -> ModelCard:
+def _describe_checkpoint(spec: ModelSpec, use_ema: bool) -> ModelDescription:
     ckpt = read_file(spec.path)
     if not is_checkpoint(ckpt):
         raise ValueError("not a training checkpoint (no 'config', no 'model_name'); for other weights use "
                          "--model NAME --weights FILE")
-    return ModelCard.from_checkpoint(ckpt, pick_state_dict(ckpt, use_ema))
+    return ModelDescription.from_checkpoint(ckpt, pick_state_dict(ckpt, use_ema))
 
 
-def _describe_model(spec: ModelSpec, use_ema: bool) -> ModelCard:
+def _describe_model(spec: ModelSpec, use_ema: bool) -> ModelDescription:
     # a weights file is read now: a missing or unreadable one fails before any pass
-    card = ModelCard.from_name(spec.model, read_state_dict(spec.path, use_ema) if spec.source == WEIGHTS else None)
-    if card.crop_mode != "center":
-        logger.warning("%s: pretrained_cfg crop_mode=%r; validating with a centre crop", spec.model, card.crop_mode)
-    return card
+    desc = ModelDescription.from_name(spec.model, read_state_dict(spec.path, use_ema) if spec.source == WEIGHTS else None)
+    if desc.crop_mode != "center":
+        logger.warning("%s: pretrained_cfg crop_mode=%r; validating with a centre crop", spec.model, desc.crop_mode)
+    return desc
 
 
 def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None = None) -> ModelSpec:
@@ -110,9 +110,9 @@ def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None 
         return spec
     try:
         verified = verify(spec.path) if spec.path else None  # a mismatch is this row's error
-        card = (_describe_checkpoint if spec.source == CHECKPOINT else _describe_model)(spec, use_ema)
-        card = dataclasses.replace(card, num_classes=num_classes or card.num_classes)
-        return dataclasses.replace(spec, model=card.model, card=card, verified=verified)
+        desc = (_describe_checkpoint if spec.source == CHECKPOINT else _describe_model)(spec, use_ema)
+        desc = dataclasses.replace(desc, num_classes=num_classes or desc.num_classes)
+        return dataclasses.replace(spec, model=desc.model, desc=desc, verified=verified)
     except Exception as exc:  # noqa: BLE001 - any unreadable input is this row's error, not the sweep's
         return spec.failed(one_line(exc))
 
@@ -188,7 +188,7 @@ class Row:
 
     @property
     def preprocess(self) -> Preprocess:
-        c = self.spec.card
+        c = self.spec.desc
         return Preprocess(int(self.img_size or 0), float(self.crop_pct or 0), c.interpolation, c.mean, c.std)
 
 
@@ -196,7 +196,7 @@ def build_rows(specs: Sequence[ModelSpec], img_sizes: Sequence[int] = (), crop_p
     """One row per spec x img_size x crop_pct; an empty list means each spec's default."""
     rows = []
     for spec in specs:
-        sizes = list(img_sizes) or [spec.card.img_size if spec.card else None]
-        crops = list(crop_pcts) or [spec.card.crop_pct if spec.card else None]
+        sizes = list(img_sizes) or [spec.desc.img_size if spec.desc else None]
+        crops = list(crop_pcts) or [spec.desc.crop_pct if spec.desc else None]
         rows += [Row(spec, size, crop, error=spec.error) for size in sizes for crop in crops]
     return rows

@@ -2,12 +2,12 @@
 
 Every name in the folder is chosen here and nowhere else:
 
-    .lock               held by the run that uses the folder (hrnet_cls.run_lock)
+    .lock               held by the run that uses the folder (hrnet_cls.train.lock)
     config.yaml         the resolved recipe, written before the first checkpoint
     last.pth            every save (mid-epoch, epoch end, stop)
     epoch_XXXX.pth      copy of last.pth after epoch XXXX (0-based), the ``checkpoint.keep`` newest
     best.pth            copy of last.pth when val top-1 improved
-    summary.csv         one row per epoch (hrnet_cls.tracking writes the rows)
+    summary.csv         one row per epoch (hrnet_cls.train.tracking writes the rows)
     PREEMPTED           left after a stop signal's save; the next start removes it
     wandb_run_id        the id of the run's W&B run: a resumed run logs to the same one
     wandb/              W&B's local run files (unless WANDB_DIR says elsewhere)
@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from hrnet_cls.atomic import copy_atomic, sidecar, stale_temps, verify, write_atomic
-from hrnet_cls.background_save import BackgroundSave
-from hrnet_cls.checkpoint import check_checkpoint, load_checkpoint, save_checkpoint
+from hrnet_cls.train.background_save import BackgroundSave
+from hrnet_cls.train.state import check_checkpoint, load_checkpoint, save_checkpoint
 from hrnet_cls.config import Config, save_config
 from hrnet_cls.distributed import broadcast_object
 from hrnet_cls.errors import one_line, os_error_line
-from hrnet_cls.resume import Position
-from hrnet_cls.run_lock import RunDirError, RunLock
+from hrnet_cls.train.resume import Position
+from hrnet_cls.train.lock import RunDirError, RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class RunDir:
         """Write last.pth; at an epoch end also epoch_XXXX.pth (XXXX = state["epoch"] - 1);
         best.pth when metric improved. Each is an independent copy with its own checksum, so
         a corrupted or truncated file takes no other with it. With async_save the writes run in
-        the background (hrnet_cls.background_save) on a snapshot of ``state``."""
+        the background (hrnet_cls.train.background_save) on a snapshot of ``state``."""
         if epoch_end and self.keep > 0 and (state["batch_in_epoch"] != 0 or state["epoch"] < 1):
             raise ValueError("epoch_end save needs batch_in_epoch == 0 and epoch >= 1")
         improved = metric is not None and (self.best_metric is None or metric > self.best_metric)

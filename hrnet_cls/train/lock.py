@@ -5,7 +5,7 @@ writes the holder (host, pid, start date, command) into it. A second run fails a
 one line naming the holder. The kernel (or the NFS server) drops the lock when its process
 dies, even by SIGKILL, so a lock left by a dead run is taken over, with a warning naming the
 run that left it. On a file system without POSIX locks the run goes on with a warning:
-nothing then keeps a second run out. The file's name is hrnet_cls.run_dir's to choose.
+nothing then keeps a second run out. The file's name is hrnet_cls.train.checkpointer's to choose.
 """
 from __future__ import annotations
 

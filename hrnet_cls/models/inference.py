@@ -19,8 +19,9 @@ import re
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["fold_batchnorm"]
+__all__ = ["count_macs", "fold_batchnorm"]
 
 _PAIR = re.compile(r"^conv(\d*)$")
 
@@ -73,3 +74,18 @@ def fold_batchnorm(model: nn.Module, check: torch.Tensor | None = None, toleranc
         if error > tolerance:
             raise ValueError(f"folding BatchNorm changed the outputs by {error:.2e} of their scale")
     return folded
+
+
+def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
+    """Multiply-adds of one image's forward pass (eval mode, no gradients).
+
+    Counted on a meta-device copy of the model: shapes only, no arithmetic, so a large model
+    at a large size costs milliseconds, and an input size the model cannot take still raises.
+    """
+    # the copy shares nothing with the model and copies no weight: each tensor maps to a meta twin
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device='meta'), p.requires_grad) for p in model.parameters()}
+    memo.update({id(b): torch.empty_like(b, device='meta') for b in model.buffers()})
+    meta = copy.deepcopy(model, memo).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        meta(torch.zeros(1, *input_size, device='meta'))
+    return counter.get_total_flops() // 2

@@ -10,6 +10,7 @@ from bisect import bisect_right
 
 import torch
 from timm.optim import param_groups_weight_decay
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from hrnet_cls.config import OptimConfig, ScheduleConfig
@@ -75,3 +76,23 @@ class StepSchedule:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float) -> StepSchedule:
     """The paper's step schedule over optimizer, peaking at base_lr (the recipe's optim.lr)."""
     return StepSchedule(optimizer, cfg, base_lr)
+
+
+class NoEma:
+    """Stands in for ModelEmaV3 when ``train.ema`` is false."""
+
+    module: nn.Module | None = None
+
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        pass
+
+
+def build_ema(model: nn.Module, enabled: bool, decay: float) -> ModelEmaV3 | NoEma:
+    """EMA of the bare model (no DDP / compile wrapper): build it after the model is on its
+    device, in its memory format and (with SyncBN) converted, so the copy matches it.
+
+    decay: per optimizer step; the average spans about 1 / (1 - decay) steps.
+    """
+    if not enabled:
+        return NoEma()
+    return ModelEmaV3(model, decay=decay)

@@ -8,13 +8,13 @@ OUT_DIR receives:
 - ``model.safetensors``: the model's state dict (the EMA weights with --use-ema), nothing else;
 - ``config.json``: timm's format (``timm.models.save_for_hf``: ``architecture``, ``num_classes``,
   ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``, ``label_names``) with the
-  preprocessing the model was trained and validated with (hrnet_cls.model_card): the checkpoint's
+  preprocessing the model was trained and validated with (hrnet_cls.models.description): the checkpoint's
   ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std, and the class names of the
   training shards' _info.json when it can be read; plus ``export``, where the weights came from and
   what loading needs (informational; timm ignores it). ``architecture`` is timm's own name for the
   variants that are timm's models in eval (hrnet_c.TIMM_TWINS: ``hrnet_w18_c`` -> ``hrnet_w18``), so
   those folders load in plain timm;
-- ``README.md``: the model card (hrnet_cls.hub_card): Hugging Face metadata, results, recipe, loading;
+- ``README.md``: the model card (hrnet_cls.export.card): Hugging Face metadata, results, recipe, loading;
 - with --onnx, ``model.onnx``: the torch.export-based exporter (``dynamo=True``) via timm's
   ``onnx_export``, opset 20 (``OPSET``), input ``input`` (batch, 3, img_size, img_size) float32
   normalised, output ``logits`` (batch, num_classes); the batch is dynamic, the image side is
@@ -27,8 +27,8 @@ architecture only), validates with
 ``validate.py --model local-dir:OUT_DIR``, and ``model.safetensors`` is an ordinary timm state
 dict (``timm.models.load_checkpoint``, ``pretrained_cfg_overlay=dict(file=...)``).
 
-CHECKPOINT is one of our training checkpoints (hrnet_cls.checkpoint). Any other weights file that
-hrnet_cls.weights reads (a plain or wrapped state dict, timm's, the authors', .safetensors)
+CHECKPOINT is one of our training checkpoints (hrnet_cls.train.state). Any other weights file that
+hrnet_cls.models.weights reads (a plain or wrapped state dict, timm's, the authors', .safetensors)
 needs ``--model NAME``; num_classes then comes from the classifier's shape, the preprocessing
 from NAME's pretrained_cfg (e.g. ``hrnet_w18_small_c.gluon_in1k`` is bicubic), and there are no
 label names.
@@ -62,12 +62,12 @@ import torch
 from timm.models import save_for_hf
 from torch import nn
 
-from hrnet_cls import hub_card
+from hrnet_cls.export import card
 from hrnet_cls.atomic import ChecksumError, publish, verify
 from hrnet_cls.errors import one_line
-from hrnet_cls.hrnet_c import TIMM_TWINS
-from hrnet_cls.model_card import ModelCard, create_model, is_checkpoint
-from hrnet_cls.weights import is_state_dict, pick_state_dict, read_file
+from hrnet_cls.models.hrnet_c import TIMM_TWINS
+from hrnet_cls.models.description import ModelDescription, create_model, is_checkpoint
+from hrnet_cls.models.weights import is_state_dict, pick_state_dict, read_file
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class ExportError(ValueError):
 class Source:
     """What to export, read from CHECKPOINT."""
 
-    card: ModelCard  # architecture, classes, preprocessing, where the label names are
+    desc: ModelDescription  # architecture, classes, preprocessing, where the label names are
     weights: dict[str, torch.Tensor]
     is_checkpoint: bool  # one of our training checkpoints (else a weights file with --model)
     info: dict[str, Any]  # provenance: config.json's "export"
@@ -118,16 +118,16 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
                           "--model NAME (its architecture)")
     try:
         weights = pick_state_dict(obj, use_ema)
-        card = ModelCard.from_checkpoint(obj, weights) if checkpoint else ModelCard.from_name(model, weights)
+        desc = ModelDescription.from_checkpoint(obj, weights) if checkpoint else ModelDescription.from_name(model, weights)
     except Exception as exc:  # noqa: BLE001 - unknown model or tag, no state dict, no EMA weights
         raise ExportError(f"{path}: {one_line(exc, whole=True).removeprefix(f'{path}: ')}") from None
-    if checkpoint and model and model != card.model:
-        raise ExportError(f"{path}: a checkpoint of {card.model!r}, not of --model {model!r}; leave --model out")
+    if checkpoint and model and model != desc.model:
+        raise ExportError(f"{path}: a checkpoint of {desc.model!r}, not of --model {model!r}; leave --model out")
     info = {"source": os.path.basename(path), "verified": verified, "weights": "ema" if use_ema else "model",
-            "model_name": card.model}
+            "model_name": desc.model}
     if checkpoint:
-        info.update({k: obj.get(k) for k in ("epoch", "step", "git_commit", "metrics")}, precision=card.precision)
-    return Source(card, weights, checkpoint, info, dict(obj.get("config") or {}) if checkpoint else {})
+        info.update({k: obj.get(k) for k in ("epoch", "step", "git_commit", "metrics")}, precision=desc.precision)
+    return Source(desc, weights, checkpoint, info, dict(obj.get("config") or {}) if checkpoint else {})
 
 
 # ---------------------------------------------------------------- building and writing
@@ -140,7 +140,7 @@ def build_model(source: Source, channels_last: bool | None = None) -> nn.Module:
     """
     # our weights, not the registry tag's: filter_pretrained_cfg drops the None
     overlay = {"pretrained_cfg_overlay": {"tag": None}} if source.is_checkpoint else {}
-    return create_model(source.card, source.weights, channels_last=channels_last, **overlay).eval()
+    return create_model(source.desc, source.weights, channels_last=channels_last, **overlay).eval()
 
 
 def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str] | None,
@@ -154,13 +154,13 @@ def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str
     HRNet-C's NHWC conv weights are stored NCHW for the save and put back after it.
     """
     twin = TIMM_TWINS.get(model.pretrained_cfg.get("architecture", ""))
-    loads_with = hub_card.PLAIN_TIMM if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
+    loads_with = card.PLAIN_TIMM if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
     model_config: dict[str, Any] = {"export": {**source.info, "loads_with": loads_with},
                                     **({"label_names": names} if names else {})}
     model.to(memory_format=torch.contiguous_format)
     try:
         save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True,
-                    data_config=source.card.data_config() if source.is_checkpoint else None)
+                    data_config=source.desc.data_config() if source.is_checkpoint else None)
     finally:
         if getattr(model, "channels_last", False):
             model.to(memory_format=torch.channels_last)
@@ -168,8 +168,8 @@ def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str
     if twin:
         config["architecture"] = twin
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2))  # the staging folder: published whole
-    card = hub_card.render(config, source.train_config, names_note, folder_name or folder.name)
-    (folder / hub_card.README_NAME).write_text(card)
+    readme = card.render(config, source.train_config, names_note, folder_name or folder.name)
+    (folder / card.README_NAME).write_text(readme)
     return config
 
 
@@ -258,7 +258,7 @@ def export(args: argparse.Namespace) -> list[str]:
         model = build_model(source)
     except Exception as exc:  # noqa: BLE001 - weights of another architecture or shape
         raise ExportError(f"{args.checkpoint}: {one_line(exc, whole=True)}") from None
-    names, names_note = source.card.labels() if source.is_checkpoint else (None, "")
+    names, names_note = source.desc.labels() if source.is_checkpoint else (None, "")
 
     out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.absolute().name}.export-", dir=out_dir.absolute().parent))
@@ -277,7 +277,7 @@ def export(args: argparse.Namespace) -> list[str]:
                 diffs = write_onnx(source, staging, input_size, model)
             except Exception as exc:  # noqa: BLE001 - tracing or conversion: name the step
                 raise RuntimeError(f"ONNX export (torch.onnx.export, dynamo=True, opset {OPSET}) of "
-                                   f"{source.card.model}: {one_line(exc)}") from exc
+                                   f"{source.desc.model}: {one_line(exc)}") from exc
             worst = max(diffs.values())
             if worst > ONNX_TOLERANCE:
                 raise RuntimeError(f"{ONNX_NAME} disagrees with PyTorch: max |diff| / max |logit| = {worst:.2e} "
@@ -287,7 +287,7 @@ def export(args: argparse.Namespace) -> list[str]:
         _publish(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    needs = "" if config["export"]["loads_with"] == hub_card.PLAIN_TIMM else "import hrnet_cls; "
+    needs = "" if config["export"]["loads_with"] == card.PLAIN_TIMM else "import hrnet_cls; "
     lines.append(f"load with: {needs}import timm; timm.create_model('local-dir:{out_dir}', pretrained=True)")
     return lines
 
@@ -306,6 +306,3 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines), flush=True)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Where a run stands, and putting every training object back there.
 
-A run starts in one of two ways: new, or from a checkpoint that hrnet_cls.run_dir chose.
+A run starts in one of two ways: new, or from a checkpoint that hrnet_cls.train.checkpointer chose.
 :class:`Position` says where it stands (epoch, step, batch in epoch, metrics, data position);
 :func:`restore` is the one place that moves the training objects to it, in this order:
 
@@ -10,7 +10,7 @@ A run starts in one of two ways: new, or from a checkpoint that hrnet_cls.run_di
 3. model, optimizer, loss scaler and EMA weights, then this rank's RNG when the
    checkpoint has one per rank of this world size.
 
-The LR needs nothing restored: hrnet_cls.optim.StepSchedule computes it from the recipe's
+The LR needs nothing restored: hrnet_cls.train.optim.StepSchedule computes it from the recipe's
 optim.lr and the loader's epoch progress, never from the optimizer's param_groups, so a
 loaded optimizer state cannot change it.
 """
@@ -22,11 +22,11 @@ from typing import Any, Mapping
 
 from timm.utils import random_seed
 
-from hrnet_cls.checkpoint import restore_state
+from hrnet_cls.train.state import restore_state
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.run_lock import RunDirError
+from hrnet_cls.train.lock import RunDirError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Position:
 
     @classmethod
     def of(cls, state: Mapping[str, Any]) -> Position:
-        """The position stored in a checkpoint dict (hrnet_cls.checkpoint.build_state)."""
+        """The position stored in a checkpoint dict (hrnet_cls.train.state.build_state)."""
         return cls(epoch=int(state["epoch"]), step=int(state["step"]), batch_in_epoch=int(state["batch_in_epoch"]),
                    metrics=dict(state.get("metrics") or {}), best_metric=state.get("best_metric"),
                    data=state.get("data"), epoch_sums=state.get("epoch_sums"))
@@ -53,7 +53,7 @@ class Position:
 
 def restore(state: Mapping[str, Any] | None, cfg: Config, info: DistInfo, parts: Any,
             loader: TrainLoader) -> Position:
-    """Put loader and training objects (hrnet_cls.engine.TrainParts) where ``state`` stopped,
+    """Put loader and training objects (hrnet_cls.train.engine.TrainParts) where ``state`` stopped,
     or seed a new run (state None); returns the position the epoch loop starts from.
     Raises RunDirError when the checkpoint cannot continue on this data."""
     position = Position.of(state) if state else Position()

@@ -1,6 +1,6 @@
 """Training checkpoints: the state of a run as a dict, and one checkpoint file read or written.
 
-Reading weights for fine-tuning or validation is hrnet_cls.weights' job.
+Reading weights for fine-tuning or validation is hrnet_cls.models.weights' job.
 
 Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so timm's
 ``load_checkpoint`` reads it too; timm takes 'model_ema' when not None, else 'model'):
@@ -24,7 +24,7 @@ Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so ti
                     bits; None at an epoch end), from which any layout can continue
 
 Which files of a run folder hold checkpoints, and which one a run resumes from, is
-hrnet_cls.run_dir's job; putting the training objects back is hrnet_cls.resume's.
+hrnet_cls.train.checkpointer's job; putting the training objects back is hrnet_cls.train.resume's.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from timm.utils import unwrap_model  # the bare model inside DDP, torch.compile 
 from torch import nn
 
 from hrnet_cls.atomic import verify, write_atomic
-from hrnet_cls.weights import read_file
+from hrnet_cls.models.weights import read_file
 
 logger = logging.getLogger(__name__)
 

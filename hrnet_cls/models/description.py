@@ -19,12 +19,12 @@ import torch
 from timm.models import PretrainedCfg, get_pretrained_cfg
 from torch import nn
 
-from hrnet_cls import weights as _weights
+from hrnet_cls.models import weights as _weights
 from hrnet_cls.config import Config, check_model_name, config_to_dict
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, read_info
 from hrnet_cls.errors import one_line
-from hrnet_cls.hrnet_c import MODEL_CFGS
-from hrnet_cls.timm_private import local_dir_config
+from hrnet_cls.models.hrnet_c import MODEL_CFGS
+from hrnet_cls.models.timm_private import local_dir_config
 
 LOCAL_DIR = "local-dir:"  # timm's prefix for a model folder: timm.create_model('local-dir:FOLDER')
 
@@ -64,7 +64,7 @@ def pretrained_cfg(name: str) -> PretrainedCfg:
 
 
 @dataclass(frozen=True)
-class ModelCard:
+class ModelDescription:
     """What a set of weights is: the model to build and the preprocessing it expects."""
 
     model: str  # timm name (pretrained tag optional) or local-dir:FOLDER
@@ -81,7 +81,7 @@ class ModelCard:
 
     @classmethod
     def from_config(cls, cfg: Config | Mapping[str, Any], model_name: str = "",
-                    weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+                    weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
         """A training recipe: ``Config`` or its dict (config_to_dict, as a checkpoint stores it).
 
         model_name: a checkpoint's ``model_name``, which wins over the config's model.name.
@@ -100,13 +100,13 @@ class ModelCard:
                    label_source=str(data.get("train_shards") or ""))
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+    def from_checkpoint(cls, ckpt: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
         """One of our training checkpoints, read (``weights``: its tensors, for num_classes when
         the config has none)."""
         return cls.from_config(ckpt.get("config") or {}, ckpt.get("model_name") or "", weights)
 
     @classmethod
-    def from_name(cls, name: str, weights: Mapping[str, torch.Tensor] | None = None) -> ModelCard:
+    def from_name(cls, name: str, weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
         """A timm name or ``local-dir:FOLDER``, with timm's preprocessing for it; num_classes from
         the classifier in ``weights`` (a weights file for this architecture) when given."""
         cfg = pretrained_cfg(name)
@@ -138,13 +138,13 @@ class ModelCard:
         return None, f"no label names: {why}"
 
 
-def create_model(card: ModelCard, weights: Mapping[str, torch.Tensor] | None = None, *, init_from: str = "",
+def create_model(card: ModelDescription, weights: Mapping[str, torch.Tensor] | None = None, *, init_from: str = "",
                  use_ema: bool = False, channels_last: bool | None = None, pretrained: bool = False,
                  **kwargs: Any) -> nn.Module:
     """The timm model ``card`` describes (its num_classes), on the CPU, as timm returns it (train mode).
 
-    weights: loaded strictly (hrnet_cls.weights.load_strict: every tensor must fit).
-    init_from: a file to fine-tune from (hrnet_cls.weights.init_from, its EMA weights with
+    weights: loaded strictly (hrnet_cls.models.weights.load_strict: every tensor must fit).
+    init_from: a file to fine-tune from (hrnet_cls.models.weights.init_from, its EMA weights with
     use_ema): every weight but a classifier of another shape, which keeps its fresh init.
     pretrained: timm's own weights for the name (a local-dir: folder's own).
     channels_last: HRNet-C's activation layout (None = its default, NHWC); other timm models

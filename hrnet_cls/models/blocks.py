@@ -3,7 +3,8 @@
 Module and attribute names follow the authors' classification code and timm's ``hrnet.py``,
 so state-dict keys match theirs (docs/design.md section 1).
 """
-from typing import List, Optional
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, List, Optional
 
 import torch
 import torch.fx
@@ -11,13 +12,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath as _DropPath
 from timm.layers import register_notrace_function, register_notrace_module
-
-from .recompute import checkpoint_module
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ['BLOCKS', 'BasicBlock', 'Bottleneck', 'CheckpointSeq', 'Checkpointable', 'DropPath', 'HRModule',
            'HRStage', 'Transition', 'conv_bn', 'units']
 
 BN_MOMENTUM = 0.1
+
+
+# Exact activation checkpointing with BatchNorm: checkpoint() runs a segment's forward twice, and
+# each BN would fold its batch statistics into the running ones twice. The recompute runs with
+# momentum 0 (running stats unchanged) and num_batches_tracked restored, so buffers match an
+# unchecked step.
+@contextmanager
+def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def checkpoint_module(module: nn.Module, *args: Any) -> Any:
+    """module(*args), keeping only the inputs; the forward is recomputed in backward."""
+    return checkpoint(
+        module, *args, use_reentrant=False,
+        context_fn=lambda: (nullcontext(), _frozen_running_stats(module)))
 
 
 def conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool = False,

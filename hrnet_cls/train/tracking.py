@@ -24,7 +24,7 @@ from typing import Any
 
 from hrnet_cls.config import Config, WandbConfig, config_to_dict
 from hrnet_cls.errors import flat
-from hrnet_cls.run_dir import RunDir
+from hrnet_cls.train.checkpointer import RunDir
 
 logger = logging.getLogger(__name__)
 

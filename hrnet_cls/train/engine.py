@@ -3,7 +3,7 @@
 ``build_parts`` makes every choice of a recipe once (loss, precision, EMA, LR schedule, DDP,
 compile) as the objects of :class:`TrainParts`; ``train_one_epoch`` runs them without
 branching on the recipe and returns an :class:`EpochResult` over every step and every process.
-Evaluation lives in hrnet_cls.evaluation.
+Evaluation lives in hrnet_cls.validation.evaluation.
 
 Host syncs: the loop reads no device value per step. The loss sum and a count of non-finite
 losses stay on the device and are read (one all_reduce, one copy to the host) every
@@ -30,11 +30,11 @@ from torch import nn
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
 from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
-from hrnet_cls.ema import NoEma, build_ema
-from hrnet_cls.optim import StepSchedule, build_optimizer, build_scheduler
+from hrnet_cls.train.optim import NoEma, build_ema
+from hrnet_cls.train.optim import StepSchedule, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
-from hrnet_cls.preemption import StopRequest
-from hrnet_cls.tracking import Tracker
+from hrnet_cls.train.preemption import StopRequest
+from hrnet_cls.train.tracking import Tracker
 
 logger = logging.getLogger(__name__)
 

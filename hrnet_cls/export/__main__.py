@@ -1,0 +1,5 @@
+import sys
+
+from hrnet_cls.export.folder import main
+
+sys.exit(main())
