@@ -6,7 +6,7 @@
 The state is what train.py saves (model, EMA, SGD momentum). Timed: torch.save + fsync; save_checkpoint
 (temp file, sha256 while writing, fsync, rename, .sha256); verify (re-read + sha256, what resume=auto
 pays per candidate); a full torch.load (blind to a flipped byte in a tensor); the mmap load of the step.
-Then what the training loop pays per save through RunDir: synchronous (the whole write), and
+Then what the training loop pays per save through Checkpointer.write: synchronous (the whole write), and
 asynchronous (checkpoint.async_save): the loop's stall (the host snapshot) and the write the
 background thread does meanwhile, each save after the previous one finished.
 """
@@ -22,8 +22,9 @@ import torch
 
 import hrnet_cls  # noqa: F401  (registers the models)
 from hrnet_cls.atomic import verify
-from hrnet_cls.train.state import build_state, load_checkpoint, save_checkpoint
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.train.state import Position, build_state, load_checkpoint, save_checkpoint
+from hrnet_cls.config import CheckpointConfig
+from hrnet_cls.train.checkpointer import Checkpointer
 
 from benchmarks import harness
 
@@ -56,7 +57,7 @@ def rows(args: argparse.Namespace) -> dict[str, dict]:
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     optimizer.step()  # momentum buffers exist, as in a real checkpoint
-    state = build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0, config={},
+    state = build_state(model=model, optimizer=optimizer, position=Position(1, 1), config={},
                         model_ema=timm.create_model(args.model).to(args.device))
     with tempfile.TemporaryDirectory(dir=args.dir or None) as tmp:
         plain, ours = Path(tmp) / "plain.pth", Path(tmp) / "last.pth"
@@ -67,7 +68,7 @@ def rows(args: argparse.Namespace) -> dict[str, dict]:
             "verify (read + sha256)": lambda: verify(ours),
             "torch.load, full": lambda: torch.load(ours, map_location="cpu", weights_only=True),
             "load_checkpoint, mmap (the step only)": lambda: load_checkpoint(ours, mmap=True)["step"],
-            "RunDir.save, sync: the loop waits for the write": lambda: RunDir(tmp).save(state, epoch_end=False)},
+            "Checkpointer.write, sync: the loop waits for the write": lambda: folder(tmp, False).write(state, False)},
             args)
         timed.update(background(state, Path(tmp) / "async", 3 * args.rounds))
         mib = ours.stat().st_size / harness.MIB
@@ -76,21 +77,25 @@ def rows(args: argparse.Namespace) -> dict[str, dict]:
                                     vs_torch_save=harness.ratio(t.get("median_s"), base)) for name, t in timed.items()}
 
 
-def background(state: dict, folder: Path, saves: int) -> dict[str, dict]:
+def folder(path: str | Path, async_save: bool) -> Checkpointer:
+    return Checkpointer(CheckpointConfig(output_dir=str(path), async_save=async_save))
+
+
+def background(state: dict, path: Path, saves: int) -> dict[str, dict]:
     """The loop's stall and the thread's write time of ``saves`` asynchronous saves, one at a time."""
-    run, stalls, writes = RunDir(folder, async_save=True), [], []
-    folder.mkdir()
+    run, stalls, writes = folder(path, True), [], []
+    path.mkdir()
     for _ in range(saves):
         written = run.writer.write_s
         began = time.perf_counter()
-        run.save(state, epoch_end=False)
+        run.write(state, epoch_end=False)
         stalls.append(time.perf_counter() - began)
-        run.finish_saves()
+        run.finish()
         writes.append(run.writer.write_s - written)
     pooled = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "n": len(t)}
               for name, t in (("stall", stalls), ("write", writes))}
-    return {"RunDir.save, async: the loop's stall (snapshot)": pooled["stall"],
-            "RunDir.save, async: the background write": pooled["write"]}
+    return {"Checkpointer.write, async: the loop's stall (snapshot)": pooled["stall"],
+            "Checkpointer.write, async: the background write": pooled["write"]}
 
 
 def main(argv: list[str]) -> int:

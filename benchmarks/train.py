@@ -36,10 +36,10 @@ from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
 from hrnet_cls.config import Config
 from hrnet_cls.data import expand_urls, read_info, shard_lengths
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.train.engine import NoSaves, TrainParts, build_parts, train_one_epoch
+from hrnet_cls.train.engine import TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.train.preemption import StopRequest
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.train.checkpointer import SUMMARY, Checkpointer
 from hrnet_cls.timing import HostReads
 from hrnet_cls.train.tracking import Tracker
 
@@ -87,14 +87,17 @@ def make_parts(name: str, args: argparse.Namespace) -> TrainParts:
                                                            if name in MODEL_CFGS else {}))
     cfg, device = Config(), torch.device(args.device)
     cfg.optim.lr, cfg.schedule.decay_epochs, cfg.schedule.epochs = 0.01, [], 1
-    cfg.train.log_interval, cfg.train.channels_last, cfg.checkpoint.save_interval = 10 ** 9, args.channels_last, 0
+    cfg.train.log_interval, cfg.train.channels_last = 10 ** 9, args.channels_last
     net = model.to(device, memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     return build_parts(cfg, DistInfo(0, 0, 1, device, True), net, Precision(args.precision, device.type))
 
 
+NO_TRACKER = Tracker(Config().wandb, Checkpointer(Config().checkpoint, is_main=False))  # writes nothing
+
+
 def epoch(parts: TrainParts, loader: Any) -> Any:
-    return train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=Tracker(Config(), RunDir("-", is_main=False)),
-                           save=NoSaves(), stop=StopRequest())
+    return train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
+                           checkpointer=None, stop=StopRequest())
 
 
 def bare_pass(parts: TrainParts, batches: Batches) -> None:
@@ -177,8 +180,8 @@ def train_py(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
     wall, text, csv_path = time.perf_counter() - start, (tmp / "train.log").read_text(errors="replace"), tmp / "run"
-    summary = [r for r in csv.DictReader((csv_path / "summary.csv").open()) if r.get("images_per_s")] \
-        if (csv_path / "summary.csv").is_file() else []
+    summary = [r for r in csv.DictReader((csv_path / SUMMARY).open()) if r.get("images_per_s")] \
+        if (csv_path / SUMMARY).is_file() else []
     rates = [float(r["images_per_s"]) for r in summary]
     logged = [int(m.group(3)) for m in LOG_LINE.finditer(text) if int(m.group(1)) > 0]  # epochs count from 0
     row = {"model": args.models[-1], "precision": args.precision, "compile": args.compile, "batch": args.batch,

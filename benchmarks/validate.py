@@ -22,7 +22,7 @@ import timm.data
 import torch
 
 import hrnet_cls  # noqa: F401  (registers the models)
-from hrnet_cls.train.state import build_state, save_checkpoint
+from hrnet_cls.train.state import Position, build_state, save_checkpoint
 from hrnet_cls.data import build_val_loader, expand_urls, read_info
 from hrnet_cls.data.workers import usable_cores
 from hrnet_cls.distributed import DistInfo
@@ -167,8 +167,8 @@ def sweep_rows(args: argparse.Namespace, tmp: Path, shards: Shards) -> dict[str,
     for seed, path in enumerate(paths):
         torch.manual_seed(seed)
         model = timm.create_model(args.sweep_model, num_classes=classes)
-        save_checkpoint(path, build_state(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=1,
-                                          step=1, batch_in_epoch=0, config=config))
+        save_checkpoint(path, build_state(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                          position=Position(1, 1), config=config))
     sweep_settings, top1 = settings(args, urls, False), {}
 
     def validate(name: str, group: list[str]) -> None:

@@ -1,30 +1,22 @@
-"""One-line error messages: what a user reads when something stops.
-
-Every script ends a failure with one line that names the problem (the key, the file, the
-model). These helpers turn exceptions into such lines; nothing else in the project flattens
-exception text by hand.
-"""
+"""One-line error messages naming the problem (key, file, model): the only place exception text is flattened."""
 from __future__ import annotations
 
 import errno
 
-_SHORT = 160  # past this, a multi-sentence message keeps its first sentence
-_LONG = 300  # hard cap
+_SHORT = 160  # past this, keep the first sentence (torch.load's message for a truncated zip has four)
+_LONG = 300
 
 
 def flat(exc: BaseException | str) -> str:
-    """The text of an exception (or a string) on one line, whitespace runs collapsed."""
     return " ".join(str(exc).split())
 
 
 def one_line(exc: BaseException, whole: bool = False) -> str:
-    """An exception as one short line, prefixed by its type unless it is a ValueError or a
-    missing file (ours already say what is wrong). whole: keep our own long messages uncut
-    (no first-sentence cut, no cap)."""
+    """An exception as one short line, its type prefixed unless a ValueError or FileNotFoundError; whole: uncut."""
     text = flat(exc) or "(no message)"
     if not whole:
         if len(text) > _SHORT and ". " in text:
-            text = text.split(". ")[0]  # e.g. torch.load's four-sentence message for a truncated zip
+            text = text.split(". ")[0]
         text = text if len(text) <= _LONG else text[:_LONG - 3] + "..."
     return text if isinstance(exc, (ValueError, FileNotFoundError)) else f"{type(exc).__name__}: {text}"
 
@@ -34,3 +26,7 @@ def os_error_line(exc: OSError, what: str) -> str:
     reason = exc.strerror or flat(exc)
     name = errno.errorcode.get(exc.errno or 0, "")
     return f"{what} {exc.filename or '?'}: {reason}" + (f" ({name})" if name else "")
+
+
+class RunDirError(RuntimeError):
+    """The run folder cannot be used (locked, unwritable, holds another run): exit 2, one line."""

@@ -88,8 +88,9 @@ def test_smoke_rows_hold_what_each_section_measures(smoke) -> None:
     assert run["exit_status"] == 0 and run["epochs_done"] == run["epochs"] == 2 and run["steps_done"] == 4
     assert positive(run["images_per_s"]) and positive(run["wall_s"])
     saves = s["checkpoint"]["sections"]["checkpoint hrnet_tiny_c"]["rows"]
-    for name in ("RunDir.save, sync: the loop waits for the write", "RunDir.save, async: the loop's stall (snapshot)",
-                 "RunDir.save, async: the background write"):
+    for name in ("Checkpointer.write, sync: the loop waits for the write",
+                 "Checkpointer.write, async: the loop's stall (snapshot)",
+                 "Checkpointer.write, async: the background write"):
         assert positive(saves[name]["median_s"]), name
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from conftest import same_weights, tiny_model
 from hrnet_cls.train.state import (
+    Position,
     build_state,
     capture_rng,
     git_commit,
@@ -26,23 +27,27 @@ from hrnet_cls.train.state import (
     restore_state,
     save_checkpoint,
 )
-from hrnet_cls.config import Config, config_to_dict
+from hrnet_cls.config import CheckpointConfig, Config, config_to_dict
 from hrnet_cls.train.optim import build_optimizer
-from hrnet_cls.train.checkpointer import RunDir, RunDirError, Start
+from hrnet_cls.train.checkpointer import Checkpointer, RunDirError, Start
 
 CONFIG = config_to_dict(Config())
 
 
 def make_state(model: nn.Module, epoch: int, step: int, **extra) -> dict:
     opt = build_optimizer(model, Config().optim)
-    return {**build_state(model=model, optimizer=opt, epoch=epoch, step=step, batch_in_epoch=0, config=CONFIG), **extra}
+    return {**build_state(model=model, optimizer=opt, position=Position(epoch, step), config=CONFIG), **extra}
+
+
+def run_folder(out: Path, keep: int = 3, resume: str = "auto") -> Checkpointer:
+    return Checkpointer(CheckpointConfig(output_dir=str(out), keep=keep, resume=resume, async_save=False))
 
 
 def started(out: Path, resume: str = "auto", epochs: int = 100) -> Start:
     """Where a run in ``out`` would start (the lock is taken and released)."""
-    run = RunDir(out)
+    run = run_folder(out, resume=resume)
     try:
-        return run.start(resume, epochs)
+        return run.start(epochs)
     finally:
         run.close()
 
@@ -58,8 +63,8 @@ def test_state_layout_round_trips_and_timm_can_read_it(tmp_path, model) -> None:
         next(ema.parameters()).add_(1.0)  # EMA differs from the model
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     opt = build_optimizer(model, Config().optim)
-    state = build_state(model=model, optimizer=opt, epoch=3, step=300, batch_in_epoch=7, config=CONFIG,
-                        metrics={"val_top1": 12.5}, model_ema=ema, scaler=scaler)
+    state = build_state(model=model, optimizer=opt, position=Position(3, 300, 7, metrics={"val_top1": 12.5}),
+                        config=CONFIG, model_ema=ema, scaler=scaler)
     save_checkpoint(tmp_path / "c.pth", state)
     loaded = load_checkpoint(tmp_path / "c.pth")  # weights_only=True: no pickled classes
     assert (loaded["epoch"], loaded["step"], loaded["batch_in_epoch"]) == (3, 300, 7)
@@ -78,7 +83,7 @@ def test_state_layout_round_trips_and_timm_can_read_it(tmp_path, model) -> None:
 def test_wrapper_prefixes_are_stripped(tmp_path, model) -> None:
     compiled = torch.compile(model)  # wrapping only; nothing is compiled until called
     state = build_state(model=compiled, optimizer=build_optimizer(model, Config().optim),
-                        epoch=0, step=0, batch_in_epoch=0, config=CONFIG)
+                        position=Position(), config=CONFIG)
     assert state["model"].keys() == model.state_dict().keys()
 
 
@@ -87,7 +92,7 @@ def test_restore_state_and_rng(tmp_path, model) -> None:
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     opt.step()  # gives the optimizer momentum buffers
     random.seed(1), np.random.seed(1), torch.manual_seed(1)
-    state = build_state(model=model, optimizer=opt, epoch=1, step=1, batch_in_epoch=0, config=CONFIG)
+    state = build_state(model=model, optimizer=opt, position=Position(1, 1), config=CONFIG)
     expected = (random.random(), np.random.rand(), torch.rand(1))
     save_checkpoint(tmp_path / "c.pth", state)
     fresh = tiny_model()
@@ -136,7 +141,7 @@ save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(1000)}, "hang": Hang()}
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None:
     out = tmp_path / "run"
     out.mkdir()
-    RunDir(out, keep=2).save(make_state(model, epoch=1, step=10))
+    run_folder(out, keep=2).write(make_state(model, epoch=1, step=10))
     marker = tmp_path / "marker"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(out / "last.pth"), str(marker)],
                              cwd=Path(__file__).parent.parent)
@@ -154,9 +159,9 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None
 
 
 def test_run_dir_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
-    manager = RunDir(tmp_path, keep=2)
+    manager = run_folder(tmp_path, keep=2)
     for epoch, top1 in enumerate([10.0, 30.0, 20.0, 50.0, 40.0], start=1):
-        manager.save(make_state(model, epoch=epoch, step=epoch * 100), metric=top1)
+        manager.write(make_state(model, epoch=epoch, step=epoch * 100), top1=top1)
     files = sorted(p.name for p in tmp_path.glob("*.pth"))
     assert files == ["best.pth", "epoch_0003.pth", "epoch_0004.pth", "last.pth"]
     assert load_checkpoint(tmp_path / "best.pth")["step"] == 400
@@ -169,18 +174,18 @@ def test_run_dir_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
 
 
 def test_mid_epoch_save_writes_only_last(tmp_path, model) -> None:
-    manager = RunDir(tmp_path, keep=2)
+    manager = run_folder(tmp_path, keep=2)
     state = {**make_state(model, epoch=2, step=250), "batch_in_epoch": 50}
-    manager.save(state, epoch_end=False)
+    manager.write(state, epoch_end=False)
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["last.pth"]
     with pytest.raises(ValueError, match="batch_in_epoch == 0"):
-        manager.save(state, epoch_end=True)
+        manager.write(state, epoch_end=True)
 
 
 def test_corrupt_newest_checkpoint_falls_back(tmp_path, model, caplog) -> None:
-    manager = RunDir(tmp_path, keep=3)
+    manager = run_folder(tmp_path, keep=3)
     for epoch in (1, 2, 3):
-        manager.save(make_state(model, epoch=epoch, step=epoch * 100))
+        manager.write(make_state(model, epoch=epoch, step=epoch * 100))
     # Truncate last.pth in place: epoch_0002.pth holds the same state in its own storage.
     data = (tmp_path / "last.pth").read_bytes()
     with open(tmp_path / "last.pth", "r+b") as f:

@@ -8,15 +8,15 @@ from conftest import DIGITS, tiny_model
 from hrnet_cls.config import Config
 from hrnet_cls.data import build_train_loader
 from hrnet_cls.distributed import DistInfo
-from hrnet_cls.train.engine import NoSaves, build_parts, train_one_epoch
+from hrnet_cls.train.engine import build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
 from hrnet_cls.train.preemption import StopRequest
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.train.checkpointer import Checkpointer
 from hrnet_cls.timing import HostReads
 from hrnet_cls.train.tracking import Tracker
 
 TRAIN = str(DIGITS / "train-{000000..000001}.tar")  # 360 images
-NO_TRACKER = Tracker(Config(), RunDir("unused", is_main=False))  # a non-main rank's tracker: writes nothing
+NO_TRACKER = Tracker(Config().wandb, Checkpointer(Config().checkpoint, is_main=False))  # a non-main rank's tracker: writes nothing
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_train_one_epoch_reads_the_device_only_at_log_points() -> None:
         parts.log_interval = interval
         with HostReads() as counter:
             result = train_one_epoch(parts, loader, epoch=0, global_step=0, tracker=NO_TRACKER,
-                                     save=NoSaves(), stop=StopRequest())
+                                     checkpointer=None, stop=StopRequest())
         reads[interval] = counter.count
         assert result.step == steps and result.train_loss > 0 and not result.stopped
     # reads = constant + one per log line: nothing per step

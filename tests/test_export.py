@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import DIGITS, DIGITS_VAL as VAL, REPO, load_script, same_weights, subprocess_env, tiny_model
-from hrnet_cls.train.state import build_state, save_checkpoint
+from hrnet_cls.train.state import Position, build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_val_loader
 from hrnet_cls.export import OPSET, main
@@ -34,8 +34,8 @@ def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | N
     config["model"].update(name=name, num_classes=model.num_classes)
     config["data"].update(img_size=IMG, crop_pct=CROP, **data)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(path, build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0,
-                                      config=config, model_ema=model_ema, metrics=METRICS))
+    save_checkpoint(path, build_state(model=model, optimizer=optimizer, position=Position(1, 1, 0, metrics=METRICS),
+                                      config=config, model_ema=model_ema))
     return path
 
 

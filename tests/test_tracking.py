@@ -19,9 +19,15 @@ from pathlib import Path
 import pytest
 
 from conftest import read_offline_run
-from hrnet_cls.config import Config
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.config import CheckpointConfig, Config
+from hrnet_cls.train.checkpointer import Checkpointer
 from hrnet_cls.train.tracking import SUMMARY_COLUMNS, Tracker, resolve_wandb_mode
+
+
+def tracker_for(cfg: Config, folder, is_main: bool = True, **kwargs) -> Tracker:
+    """The Tracker of a run of ``cfg`` in ``folder``, as train.py makes it."""
+    return Tracker(cfg.wandb, Checkpointer(CheckpointConfig(output_dir=str(folder)), recipe=cfg, is_main=is_main),
+                   **kwargs)
 
 
 def offline_config(tmp_path: Path) -> Config:
@@ -79,7 +85,7 @@ def wandb_env(tmp_path, monkeypatch) -> Path:
 
 def test_offline_run_records_metrics_config_and_name(wandb_env: Path) -> None:
     cfg = offline_config(wandb_env)
-    tracker = Tracker(cfg, RunDir(cfg.checkpoint.output_dir, is_main=True))
+    tracker = tracker_for(cfg, cfg.checkpoint.output_dir, is_main=True)
     assert tracker.run is not None
     tracker.log_step(10, {"loss": 2.5, "lr": 0.1, "images_per_s": 100.0})
     tracker.log_epoch(0, {"lr": 0.1, "train_loss": 2.4, "val_top1": 55.0, "val_top5": 90.0, "step": 20})
@@ -99,7 +105,7 @@ def test_offline_run_records_metrics_config_and_name(wandb_env: Path) -> None:
 def test_summary_csv_rows(tmp_path, wandb_env) -> None:
     cfg = offline_config(tmp_path)
     cfg.wandb.mode = "disabled"
-    tracker = Tracker(cfg, RunDir(tmp_path / "run", is_main=True))
+    tracker = tracker_for(cfg, tmp_path / "run", is_main=True)
     tracker.log_epoch(0, {"lr": 0.1, "train_loss": 2.0, "val_top1": 50.0, "val_top5": 80.0,
                           "epoch_time_s": 12.5, "images_per_s": 1000.0, "skipped": 0, "train_images": 12500, "checkpoint_s": 0.25,
                           "extra_metric": 1.0})
@@ -118,10 +124,10 @@ def test_summary_csv_rows(tmp_path, wandb_env) -> None:
 def test_resumed_run_keeps_earlier_rows_only(tmp_path, wandb_env) -> None:
     cfg = offline_config(tmp_path)
     cfg.wandb.mode = "disabled"
-    tracker = Tracker(cfg, RunDir(tmp_path, is_main=True))
+    tracker = tracker_for(cfg, tmp_path, is_main=True)
     for epoch in range(4):
         tracker.log_epoch(epoch, {"val_top1": float(epoch)})
-    resumed = Tracker(cfg, RunDir(tmp_path, is_main=True), start_epoch=2)  # crashed after epoch 3's row
+    resumed = tracker_for(cfg, tmp_path, is_main=True, start_epoch=2)  # crashed after epoch 3's row
     resumed.log_epoch(2, {"val_top1": 20.0})
     with open(tmp_path / "summary.csv", newline="") as f:
         assert [(r["epoch"], r["val_top1"]) for r in csv.DictReader(f)] == [("0", "0"), ("1", "1"), ("2", "20")]
@@ -129,7 +135,7 @@ def test_resumed_run_keeps_earlier_rows_only(tmp_path, wandb_env) -> None:
 
 def test_non_main_rank_writes_nothing(tmp_path, wandb_env) -> None:
     cfg = offline_config(tmp_path)
-    tracker = Tracker(cfg, RunDir(tmp_path / "run", is_main=False))
+    tracker = tracker_for(cfg, tmp_path / "run", is_main=False)
     tracker.log_step(1, {"loss": 1.0})
     tracker.log_epoch(0, {"val_top1": 1.0})
     tracker.finish()
@@ -184,7 +190,7 @@ def test_online_degrades_to_no_wandb_quickly(tmp_path, wandb_env, monkeypatch, c
         monkeypatch.setenv("WANDB_API_KEY", "x" * 40 if situation != "malformed key" else "short")
     started = time.monotonic()
     with caplog.at_level(logging.WARNING):
-        tracker = Tracker(online_config(tmp_path), RunDir(tmp_path / "run", is_main=True),
+        tracker = tracker_for(online_config(tmp_path), tmp_path / "run", is_main=True,
                           connect_timeout_s=1.0, init_timeout_s=60.0)
     elapsed = time.monotonic() - started
     silent.close()
@@ -240,7 +246,7 @@ def test_init_failure_is_bounded_and_warned_once(tmp_path, wandb_env, monkeypatc
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}")
     started = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="hrnet_cls.train.tracking"):
-        tracker = Tracker(online_config(tmp_path), RunDir(tmp_path / "run", is_main=True),
+        tracker = tracker_for(online_config(tmp_path), tmp_path / "run", is_main=True,
                           connect_timeout_s=1.0, init_timeout_s=2.0)
     elapsed = time.monotonic() - started
     server.close()
@@ -257,10 +263,10 @@ def test_online_without_key_never_prompts_on_a_terminal(tmp_path, wandb_env, mon
     come up without W&B instead (a child process on a pseudo-terminal, wandb not silenced)."""
     monkeypatch.delenv("WANDB_SILENT")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.train.checkpointer import RunDir\n"
+    code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.train.checkpointer import Checkpointer\n"
             "from hrnet_cls.train.tracking import Tracker\n"
             "cfg = Config()\ncfg.wandb.mode = 'online'\n"
-            "print('run:', Tracker(cfg, RunDir('out', is_main=True)).run, flush=True)\n")
+            "print('run:', tracker_for(cfg, 'out', is_main=True).run, flush=True)\n")
     primary, secondary = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=secondary, stdout=secondary, stderr=secondary,
                             cwd=tmp_path)

@@ -97,7 +97,7 @@ def test_resuming_under_another_layout_continues_without_replay_or_skip(tmp_path
     before = [build_train_loader(urls, batch_size=4, rank=r, world_size=2, workers=1, **kw) for r in (0, 1)]
     seen = [i for loader in before for i in take(loader, 5)]
     consumed = before[0].consumed | before[1].consumed
-    state = before[0].state(consumed)
+    state = before[0].state([loader.packed_consumed() for loader in before])  # what a save gathers
     assert len(seen) == len(set(seen)) == 40 == consumed.sum()
     # continued on 3 processes x 5 images: 56 left, 3 steps of 15; the last partial global batch is dropped
     after = [build_train_loader(urls, batch_size=5, rank=r, world_size=3, workers=workers, **kw) for r in range(3)]
@@ -115,7 +115,7 @@ def test_resuming_under_the_same_layout_is_bit_identical(tmp_path: Path) -> None
     full = epoch_batches(urls, workers=2, epoch=2)
     loader = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=2, workers=2)
     take(loader, 3)
-    state = loader.state(loader.consumed)
+    state = loader.state([loader.packed_consumed()])
     resumed = build_train_loader(urls, batch_size=4, img_size=16, seed=5, epoch=0, workers=2)
     assert resumed.resume(2, 3, state) == "epoch 2, batch 3"
     assert same_batches(list(resumed), full[3:])
@@ -129,7 +129,7 @@ def test_resume_refuses_other_shards_mid_epoch(tmp_path: Path) -> None:
     other = build_train_loader(id_shards(tmp_path / "b", "train", [8, 9]), batch_size=4, img_size=16, seed=0,
                                epoch=0, workers=0)
     with pytest.raises(ValueError, match="data.train_shards: the checkpoint stopped inside epoch 0 of other shards"):
-        other.resume(0, 1, loader.state(loader.consumed))
+        other.resume(0, 1, loader.state([loader.packed_consumed()]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

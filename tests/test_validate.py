@@ -26,7 +26,7 @@ from torchvision.transforms import InterpolationMode
 
 from conftest import DIGITS, DIGITS_VAL as VAL, DIGITS_VAL_SAMPLES as VAL_SAMPLES, REPO, load_script, subprocess_env, tiny_model
 from hrnet_cls.atomic import sidecar
-from hrnet_cls.train.state import build_state, save_checkpoint
+from hrnet_cls.train.state import Position, build_state, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_train_loader
 from hrnet_cls.distributed import DistInfo
@@ -57,7 +57,7 @@ def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | N
     config = config_to_dict(load_config("demo_digits.yaml"))
     config["model"].update(name=name, num_classes=num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    save_checkpoint(path, build_state(model=model, optimizer=optimizer, epoch=1, step=1, batch_in_epoch=0,
+    save_checkpoint(path, build_state(model=model, optimizer=optimizer, position=Position(1, 1, 0),
                                       config=config, model_ema=model_ema))
     return path
 

@@ -14,10 +14,11 @@ import torch
 
 from conftest import DIGITS_VAL as VAL, TINY_RECIPE, load_script, tiny_model
 from hrnet_cls.atomic import ChecksumError, sidecar, verify
-from hrnet_cls.train.state import build_state, load_checkpoint, save_checkpoint
+from hrnet_cls.train.state import Position, build_state, load_checkpoint, save_checkpoint
 from hrnet_cls.config import config_to_dict, load_config
 from hrnet_cls.export import main as export_main
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.config import CheckpointConfig
+from hrnet_cls.train.checkpointer import Checkpointer
 
 train_script = load_script("train.py")
 validate = load_script("validate.py")
@@ -27,8 +28,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def save_at(path: Path, step: int, seed: int = 0) -> Path:
     """A training checkpoint of the demo recipe at an epoch end (epoch = step), .sha256 beside it."""
     model = tiny_model(10, seed)
-    state = build_state(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=step, step=step,
-                        batch_in_epoch=0, config=config_to_dict(load_config("demo_digits.yaml")))
+    state = build_state(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), position=Position(step, step, 0),
+                        config=config_to_dict(load_config("demo_digits.yaml")))
     save_checkpoint(path, state)
     return path
 
@@ -114,18 +115,18 @@ def test_resume_auto_prefers_a_verified_file_and_takes_an_unverified_one_only_wh
     save_at(out / "last.pth", 3, seed=1)
     sidecar(out / "last.pth").unlink()  # the newest: unverifiable (a lost sidecar may hide a flipped byte)
     caplog.set_level(logging.WARNING)
-    run = RunDir(out, keep=2)
+    run = Checkpointer(CheckpointConfig(output_dir=str(out), keep=2))
     try:
-        assert run.start("auto", 10).checkpoint == out / "epoch_0001.pth"
+        assert run.start(10).checkpoint == out / "epoch_0001.pth"
     finally:
         run.close()
     assert "passed over: last.pth: no .sha256" in caplog.text
 
     flip_a_byte(out / "epoch_0001.pth")  # now nothing verifies: the unverifiable file that loads in full
     caplog.clear()
-    run = RunDir(out, keep=2)
+    run = Checkpointer(CheckpointConfig(output_dir=str(out), keep=2))
     try:
-        assert run.start("auto", 10).checkpoint == out / "last.pth"
+        assert run.start(10).checkpoint == out / "last.pth"
     finally:
         run.close()
     (warning,) = [r.getMessage() for r in caplog.records if "UNVERIFIED" in r.getMessage()]

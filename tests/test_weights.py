@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import same_weights as same, tiny_model
-from hrnet_cls.train.state import build_state, save_checkpoint
+from hrnet_cls.train.state import Position, build_state, save_checkpoint
 from hrnet_cls.config import Config, config_to_dict
 from hrnet_cls.train.optim import build_optimizer
 from hrnet_cls.models.weights import init_from, load_strict, pick_state_dict, read_file, read_state_dict, reset_mismatched_head
@@ -29,7 +29,7 @@ def files(tmp_path_factory) -> dict:
     torch.save({"state_dict": sd, "state_dict_ema": ema.state_dict()}, root / "timm_train.pth.tar")
     save_file({k: v.contiguous() for k, v in sd.items()}, root / "model.safetensors")
     save_checkpoint(root / "ours.pth", build_state(model=model, optimizer=build_optimizer(model, Config().optim),
-                                                   epoch=1, step=1, batch_in_epoch=0,
+                                                   position=Position(1, 1, 0),
                                                    config=config_to_dict(Config()), model_ema=ema))
     return {"root": root, "model": sd, "ema": ema.state_dict()}
 

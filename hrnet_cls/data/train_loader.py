@@ -1,10 +1,6 @@
-"""The training loader: a deterministic, resumable plan of one epoch's batches per rank.
-
-Positions: the shards, in an order permuted per (seed, epoch), are laid end to end; a
-sample's *position* is its index in that sequence. Positions do not depend on the world
-size or the worker count, so the samples an interrupted epoch has trained on are a set of
-positions that any other layout can continue from (docs/design.md §5.4).
-"""
+"""The training loader: a deterministic, resumable plan of one epoch's batches per rank (docs/design.md §5.3,
+§5.4). A sample's *position* (its index in the epoch's permuted shard sequence) depends on neither world size
+nor workers, so any layout can continue an interrupted epoch from the set of positions trained on."""
 from __future__ import annotations
 
 import collections
@@ -44,8 +40,7 @@ from hrnet_cls.data.workers import check_common, iterate, stop_workers
 
 logger = logging.getLogger(__name__)
 
-# images (B, 3, S, S), targets (B,), skipped samples, positions (B,) int64 numpy: a host-side
-# record that never goes to the device (reading it costs no sync)
+# images (B, 3, S, S), targets (B,), skipped samples, positions (B,) int64 numpy (host-side: reading costs no sync)
 TrainBatch = tuple[torch.Tensor, torch.Tensor, int, np.ndarray]
 
 
@@ -72,8 +67,7 @@ class TrainPlan:
     ratio: tuple[float, float]
     hflip: float
     exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
-    short: tuple[tuple[str, int], ...] = ()  # (shard, samples its _info.json lists that it lacks): skipped,
-    # charged to rank 0's batch 0
+    short: tuple[tuple[str, int], ...] = ()  # (shard, listed samples it lacks): charged to rank 0's batch 0
 
     @property
     def samples(self) -> int:
@@ -101,10 +95,7 @@ class TrainPlan:
         return max(0, (self.batches - slot + self.slots - 1) // self.slots)
 
     def reads(self, slot: int) -> list[tuple[int, int]]:
-        """The position ranges [start, stop) the slot reads, in order: its stretch, then its share
-        of the spare positions after the last whole global batch. The ranges of all (rank,
-        slot) pairs are disjoint, so no sample is read twice in an epoch, and a missing or
-        bad one is counted by one reader only."""
+        """Position ranges [start, stop) the slot reads: its stretch, then its share of the spare (disjoint)."""
         pairs, pair = self.world_size * self.slots, self.rank * self.slots + slot
         first = (self.rank * self.batches + sum(self.slot_batches(s) for s in range(slot))) * self.batch_size
         used = self.batches * self.batch_size * self.world_size
@@ -123,7 +114,6 @@ class TrainPlan:
         return order
 
     def shard_of(self, position: int) -> str:
-        """The shard holding ``position`` of the epoch's sequence."""
         return next(s.url for s in _segments(self, position, position + 1))
 
 
@@ -137,9 +127,8 @@ def _segments(plan: TrainPlan, start: int, stop: int) -> Iterator[Segment]:
 
 
 def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[RawSample]:
-    """Exactly the slot's quota of samples, read from its own positions (plan.reads) only,
-    leaving out the excluded positions (read past without decoding) and bad samples. If bad
-    samples leave it short, the rest are other crops of its last good samples (position -1)."""
+    """Exactly the slot's quota of samples from its own positions (plan.reads), less excluded and bad ones;
+    if still short, other crops of its last good samples (position -1)."""
     quota = plan.slot_batches(slot) * plan.batch_size
     excluded = plan.excluded() if plan.exclude else None
     recent: collections.deque[RawSample] = collections.deque(maxlen=plan.batch_size)
@@ -167,8 +156,7 @@ def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[R
 
 def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
                         normalize: Normalizer) -> tuple[torch.Tensor, torch.Tensor, list[int], np.ndarray]:
-    """(images (B, 3, S, S) float32, targets (B,) int64, positions of the images that failed to
-    decode, positions (B,)). Only DecodeError is caught: any other error is a bug and propagates."""
+    """(images (B, 3, S, S), targets (B,), positions that failed to decode, positions (B,)); only DecodeError caught."""
     images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size)
     targets = torch.tensor([raw[2] for raw in chunk], dtype=torch.int64)
     positions = np.array([raw[3] for raw in chunk], dtype=np.int64)
@@ -189,7 +177,7 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
         rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
         normalize(train_crop(data, plan.img_size, rng, **kw), images[i])
         targets[i] = target
-    return images, targets, [int(p) for p in positions[failed] if p >= 0], positions  # a fill-in's donor: counted
+    return images, targets, [int(p) for p in positions[failed] if p >= 0], positions
 
 
 def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
@@ -211,8 +199,7 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
         for position in failed:
             skipped.add(plan.shard_of(position))
         bad, by_shard = skipped.take()
-        # as bytes: a DataLoader would make an array a tensor; kept out of torch, the training loop reads
-        # no tensor per step (benchmarks/train.py counts every such read)
+        # as bytes, or DataLoader makes a tensor of it: the training loop reads no tensor per step
         yield local * plan.slots + slot, (images, targets, bad, positions.tobytes(), by_shard)
 
 
@@ -229,13 +216,8 @@ class _TrainStream(IterableDataset):
 
 
 class TrainLoader:
-    """One rank's training batches for one epoch: ``(images, targets, skipped, positions)``.
-
-    ``len()`` is the number of batches still to come, the same on every rank. ``consumed``
-    (bool per position) marks what this rank has trained on in the epoch: a batch is marked
-    when it is handed out, and the training loop saves only between steps, when every batch
-    handed out has been trained on.
-    """
+    """One rank's training batches for one epoch: ``(images, targets, skipped, positions)``; ``len()``: batches
+    still to come, the same on every rank. ``consumed`` (bool per position) marks batches as handed out."""
 
     def __init__(self, plan: TrainPlan, workers: int, pin_memory: bool = False) -> None:
         self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
@@ -248,9 +230,8 @@ class TrainLoader:
 
     def set_epoch(self, epoch: int, start_batch: int = 0, consumed: np.ndarray | None = None,
                   exclude: np.ndarray | None = None) -> None:
-        """Target ``epoch`` from ``start_batch`` on; ``consumed``: the positions the batches before
-        start_batch trained on (bookkeeping only). ``exclude``: instead, a remainder plan over
-        the positions not yet trained on, for a resume under another layout (start_batch 0)."""
+        """Target ``epoch`` from ``start_batch`` on (``consumed``: what the batches before it trained on), or,
+        with ``exclude``, a remainder plan over the positions not yet trained on (start_batch 0)."""
         packed = b"" if exclude is None else np.packbits(exclude).tobytes()
         plan = dataclasses.replace(self.plan, epoch=epoch, start_batch=0, exclude=packed)
         _check_start(start_batch, plan.batches)
@@ -261,8 +242,7 @@ class TrainLoader:
         self.bad_shards.clear()
 
     def progress(self, batch: int) -> tuple[float, float]:
-        """(epoch progress before, after) rank batch ``batch`` of this plan: epoch + the fraction
-        of the epoch's samples trained on, counted in samples, whatever the world size."""
+        """(epoch progress before, after) rank batch ``batch``: epoch + fraction of its samples trained on."""
         total = self.plan.before + self.plan.batches * self.plan.batch_size * self.plan.world_size
         step = self.plan.batch_size * self.plan.world_size
         done = self.plan.before + batch * step
@@ -274,12 +254,15 @@ class TrainLoader:
         return {"world_size": p.world_size, "slots": p.slots, "batch_size": p.batch_size,
                 "shards": [[os.path.basename(u), n] for u, n in zip(p.urls, p.lengths)]}
 
-    def state(self, consumed: np.ndarray | None) -> dict:
-        """The data position for a checkpoint: this plan's layout, how many samples it excludes,
-        and ``consumed`` (the positions all ranks together trained on this epoch; None at an
-        epoch end) as packed bits in a uint8 tensor."""
-        packed = None if consumed is None else torch.from_numpy(np.packbits(consumed))
-        return {"layout": self.layout(), "before": self.plan.before, "consumed": packed}
+    def packed_consumed(self) -> np.ndarray:
+        """This rank's trained positions of the epoch as packed bits (uint8): what a save gathers."""
+        return np.packbits(self.consumed)
+
+    def state(self, packed: list[np.ndarray] | None) -> dict:
+        """The data position for a checkpoint: this plan's layout, how many samples it excludes, and
+        the union of every rank's ``packed_consumed()`` (None at an epoch end) as a uint8 tensor."""
+        union = None if packed is None else torch.from_numpy(np.bitwise_or.reduce(packed))
+        return {"layout": self.layout(), "before": self.plan.before, "consumed": union}
 
     def resume(self, epoch: int, batch_in_epoch: int, saved: dict | None) -> str:
         """Position the loader where a checkpoint stopped; returns how, in one line.
@@ -342,13 +325,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
                        interpolation: str = "bilinear", scale: tuple[float, float] = (0.08, 1.0),
                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                        pin_memory: bool = False) -> TrainLoader:
-    """Training batches of RandomResizedCrop(img_size) + flip + normalise for one rank.
-
-    ``start_batch=k`` yields batches k, k+1, ... of the epoch, bit-identical to those of an
-    uninterrupted run (resume after a kill). ``num_classes`` (default: from _info.json)
-    bounds valid labels: one outside it raises LabelError. ``shuffle_buffer`` is in samples
-    per worker (memory: that many encoded images, ~110 KB each for ImageNet).
-    """
+    """Training batches of RandomResizedCrop(img_size) + flip + normalise for one rank, from ``start_batch`` on;
+    ``shuffle_buffer`` is in samples per worker (that many encoded images, ~110 KB each for ImageNet)."""
     check_common(batch_size, img_size, rank, world_size, workers, interpolation)
     shard_urls = expand_urls(urls)
     info = read_info(shard_urls)

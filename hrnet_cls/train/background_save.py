@@ -1,19 +1,7 @@
-"""Checkpoint saves that do not stall training: snapshot in the loop, write in a thread.
-
-At a save point the training state is copied into host memory (:func:`snapshot`: a clone on
-the CPU; on CUDA, pinned buffers reused from save to save and one stream sync) and the loop goes
-on; a thread writes the files exactly as a synchronous save does (hrnet_cls.atomic: temp file,
-streamed sha256, fsync, rename). At most one save is in flight: a save point that comes while
-one is still writing waits for it (that wait is part of the loop's checkpoint time). A failed
-write is raised in the training thread at the next step or save point (:meth:`check`), and
-the previous file stays intact, as the write was atomic. A stop, the end of training and
-every error path call :meth:`wait` before the process exits. The thread is not a daemon, so
-even an exit that skips ``wait`` lets the write finish first.
-
-A thread rather than a process (torch.distributed.checkpoint's "async with pinned memory"):
-the snapshot already lives in this process's memory, the write is mostly the kernel copying
-and hashing bytes, and a thread shares the file names, the lock and the error path.
-"""
+"""Checkpoint saves that do not stall training: the state snapshotted into host memory in the loop,
+the files written in a thread, one write in flight, its error raised at the next step (docs/design.md
+§6.3). A thread, not a process: the snapshot is already in this process, and the write is mostly
+the kernel copying and hashing bytes. The thread is not a daemon, so an exit lets a write finish."""
 from __future__ import annotations
 
 import threading

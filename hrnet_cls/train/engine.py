@@ -1,16 +1,6 @@
-"""The training objects of a recipe, and one training epoch over them (DeiT's engine.py).
-
-``build_parts`` makes every choice of a recipe once (loss, precision, EMA, LR schedule, DDP,
-compile) as the objects of :class:`TrainParts`; ``train_one_epoch`` runs them without
-branching on the recipe and returns an :class:`EpochResult` over every step and every process.
-Evaluation lives in hrnet_cls.validation.evaluation.
-
-Host syncs: the loop reads no device value per step. The loss sum and a count of non-finite
-losses stay on the device and are read (one all_reduce, one copy to the host) every
-``log_interval`` steps, before each mid-epoch checkpoint and at the epoch end. A non-finite
-loss is thus noticed at the next of those points, always before anything is saved, so the
-last good checkpoint is never overwritten with NaN weights. (Under fp16, GradScaler itself
-reads its overflow flag every step unless the optimizer is fused; that is the scaler's cost.)
+"""The training objects of a recipe (:class:`TrainParts`, built once by :func:`build_parts`) and one
+epoch over them (:func:`train_one_epoch`), as DeiT's engine.py. The loop reads no device value per
+step: losses are summed on the device and read at log and save points (docs/design.md §6.3).
 """
 from __future__ import annotations
 
@@ -19,9 +9,9 @@ import logging
 import os
 import time
 from contextlib import AbstractContextManager
-from dataclasses import asdict, astuple, dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import Any, Iterable, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
 from timm.utils import ModelEmaV3
@@ -30,39 +20,18 @@ from torch import nn
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
 from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
-from hrnet_cls.train.optim import NoEma, build_ema
-from hrnet_cls.train.optim import StepSchedule, build_optimizer, build_scheduler
+from hrnet_cls.train.optim import NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
 from hrnet_cls.train.preemption import StopRequest
+from hrnet_cls.train.state import EpochSums
 from hrnet_cls.train.tracking import Tracker
+
+if TYPE_CHECKING:
+    from hrnet_cls.train.checkpointer import Checkpointer
 
 logger = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, int, Any]  # images (B,3,H,W), targets (B,), skipped, positions (B,)
-class Saver(Protocol):
-    """train.py's checkpoints, as the loop uses them."""
-
-    def __call__(self, epoch: int, batch_in_epoch: int, global_step: int, *, sums: EpochSums) -> None:
-        """Save a mid-epoch checkpoint: a collective."""
-
-    def check(self) -> None:
-        """Raise the error of a background write that failed, at the step after it."""
-
-    def time_due(self) -> bool:
-        """Whether this rank asks for a save by the clock (checkpoint.save_interval_min)."""
-
-
-class NoSaves:
-    """A Saver that saves nothing (benchmarks, tests of the loop alone)."""
-
-    def __call__(self, epoch: int, batch_in_epoch: int, global_step: int, *, sums: EpochSums) -> None:
-        pass
-
-    def check(self) -> None:
-        pass
-
-    def time_due(self) -> bool:
-        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -84,7 +53,7 @@ class TrainParts:
     net: nn.Module  # the bare model: what the EMA follows and checkpoints store
     criterion: nn.Module  # logits (B, C), targets (B,) -> mean loss ()
     optimizer: torch.optim.Optimizer
-    scheduler: StepSchedule  # sets the lr of optimizer step k: a pure function of k
+    scheduler: StepSchedule  # sets the lr of each step from the epoch progress in samples
     precision: Precision  # resolved: bf16 | fp16 | fp32
     scaler: torch.amp.GradScaler  # loss scaling; enabled for fp16 only
     autocast: AbstractContextManager  # torch.autocast(device, dtype); disabled for fp32
@@ -95,24 +64,7 @@ class TrainParts:
     epochs: int  # of the whole run, for the log line and the ETA
     halt_on_nonfinite: bool  # stop on a NaN/inf loss; False under fp16, whose scaler skips those steps
     log_interval: int  # optimizer steps between log lines (and host syncs)
-    save_interval: int  # optimizer steps between mid-epoch checkpoints; 0 = none
     max_bad_fraction: float  # bad samples per image trained in an epoch before the run stops
-
-
-@dataclass(frozen=True)
-class EpochSums:
-    """An epoch's running totals over every process: a mid-epoch checkpoint carries them, so
-    the epoch's row after a resume covers the whole epoch, as without the interruption."""
-
-    loss_sum: float = 0.0  # of the finite per-process step losses
-    losses: int = 0  # per-process step losses (steps x processes)
-    nonfinite: int = 0  # of those, NaN / inf
-    images: int = 0
-    skipped: int = 0
-    time_s: float = 0.0  # training time
-
-    def __add__(self, other: EpochSums) -> EpochSums:
-        return EpochSums(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
 
 @dataclass(frozen=True)
@@ -137,10 +89,7 @@ class EpochResult:
 
 
 def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precision) -> TrainParts:
-    """Every recipe choice, made once: the loop runs these objects without branching.
-
-    net: the bare model, on its device and in its memory format.
-    """
+    """Every recipe choice, made once; ``net``: the bare model, on its device and in its memory format."""
     ema = build_ema(net, cfg.train.ema, cfg.train.ema_decay)  # before DDP: it copies the bare model
     device_ids = [info.device] if info.device.type == "cuda" else None
     model = nn.parallel.DistributedDataParallel(net, device_ids=device_ids) if info.world_size > 1 else net
@@ -154,19 +103,16 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
         memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
         world_size=info.world_size, epochs=cfg.schedule.epochs,
         halt_on_nonfinite=not scaler.is_enabled(),  # fp16: the scaler skips non-finite steps instead
-        log_interval=cfg.train.log_interval, save_interval=cfg.checkpoint.save_interval,
+        log_interval=cfg.train.log_interval,
         max_bad_fraction=cfg.data.max_bad_fraction)
 
 
-def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int,
-                    tracker: Tracker, save: Saver, stop: StopRequest, carried: EpochSums | None = None) -> EpochResult:
-    """Train on the loader's remaining batches of ``epoch`` (0-based); ``global_step`` =
-    optimizer steps taken before them; ``carried``: the epoch's totals before a resume.
-    Every process must call it with equal loaders.
-
-    Stops early, at the same step boundary on every process, when ``stop`` says so (a
-    preemption signal); ``batch`` in the result then says how far the epoch got.
-    """
+def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int, tracker: Tracker,
+                    checkpointer: Checkpointer | None, stop: StopRequest,
+                    carried: EpochSums | None = None) -> EpochResult:
+    """Train on the loader's remaining batches of ``epoch`` (0-based) after ``global_step`` steps;
+    ``carried``: the epoch's totals before a resume; ``checkpointer``: mid-epoch saves (None: none).
+    A collective over equal loaders; a stop signal ends it at the same step on every process."""
     parts.model.train()
     batches = loader.batches_per_epoch
     batch = batches - len(loader)  # batches of this epoch trained before a resume
@@ -177,17 +123,18 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
         lr = parts.scheduler.step(start, end)
         loss = _train_step(parts, images, targets)
         global_step += 1
-        save.check()
+        if checkpointer is not None:
+            checkpointer.check()  # a failed background write stops the run here
         meter.add(loss, images.shape[0], skipped)
         if global_step % parts.log_interval == 0:
             meter.log(global_step, batch, lr, end, tracker)
-        if stop.poll(save.time_due()):  # every process gets the same answers at the same step
+        if stop.poll(checkpointer is not None and checkpointer.time_due()):  # the same answers on every process
             stopped = True
             break
-        due = _due(global_step, parts.save_interval) or stop.save_agreed
+        due = checkpointer is not None and (checkpointer.step_due(global_step) or stop.save_agreed)
         if due and batch < batches:  # the epoch end saves after validation
             sums = meter.totals(global_step)  # raises on a NaN / inf before anything is written
-            save(epoch, batch, global_step, sums=sums)
+            checkpointer.save_mid(parts, loader, epoch, batch, global_step, sums)
     return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)
 
 
@@ -206,18 +153,10 @@ def _train_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) 
     return loss.detach()
 
 
-def _due(step: int, interval: int) -> bool:
-    return interval > 0 and step % interval == 0
-
-
 def _iterate(loader: Iterable[Batch]) -> Iterator[Batch]:
-    """The loader's batches, without touching the global RNG.
-
-    A DataLoader draws its workers' base seed from the global torch RNG when its iterator
-    starts (at the first batch). Our batches do not depend on it (hrnet_cls.data seeds each
-    sample), but the draw would shift the dropout / drop-path stream, and a run resumed
-    mid-epoch (RNG restored, then a new iterator) would differ from an uninterrupted one.
-    """
+    """The loader's batches, without touching the global RNG: a DataLoader draws its workers' base
+    seed from it at the first batch, which would shift the dropout / drop-path stream of a run
+    resumed mid-epoch (RNG restored, then a new iterator) against an uninterrupted one."""
     iterator = iter(loader)
     with torch.random.fork_rng(devices=[]):
         first = next(iterator, None)
@@ -248,13 +187,9 @@ class _Meter:
         self.steps, self.images, self.skipped = self.steps + 1, self.images + images, self.skipped + skipped
 
     def read(self, global_step: int, weights: bool = False, end: bool = False) -> tuple[float, float, float]:
-        """(loss sum, non-finite steps, skipped samples) of all processes since this part of
-        the epoch began: the host sync.
-
-        weights: also check that every parameter is finite (before a checkpoint: the last
-        step's update can break the weights while its loss was still finite). Raises
-        NonFiniteLossError, or BadDataError past the bad-sample budget (from BAD_WINDOW
-        images on, or at the epoch ``end``), on every process alike (they all see the same sums)."""
+        """The host sync: (loss sum, non-finite steps, skipped samples) of all processes in this part of
+        the epoch; ``weights`` also checks every parameter is finite (before a save). Raises
+        NonFiniteLossError, or BadDataError past the budget, on every process alike."""
         broken = (torch.stack([~torch.isfinite(p).all() for p in self.parts.net.parameters()]).any() if weights
                   else torch.zeros((), dtype=torch.bool, device=self.parts.device))
         skipped = torch.tensor(float(self.skipped), dtype=torch.float64, device=self.parts.device)

@@ -1,12 +1,6 @@
-"""The lock of a run folder: one run at a time, and a holder that says who it is.
-
-``RunLock.acquire`` takes an exclusive POSIX lock (``fcntl.lockf``) on the lock file and
-writes the holder (host, pid, start date, command) into it. A second run fails at once with
-one line naming the holder. The kernel (or the NFS server) drops the lock when its process
-dies, even by SIGKILL, so a lock left by a dead run is taken over, with a warning naming the
-run that left it. On a file system without POSIX locks the run goes on with a warning:
-nothing then keeps a second run out. The file's name is hrnet_cls.train.checkpointer's to choose.
-"""
+"""The lock of a run folder: one run at a time, and a holder that says who it is (docs/design.md
+§6.4). The kernel (or NFS server) drops a POSIX lock when its process dies, even by SIGKILL, so a
+dead run's lock is taken over; without POSIX locks the run goes on with a warning."""
 from __future__ import annotations
 
 import contextlib
@@ -21,13 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from hrnet_cls.atomic import HOST
-from hrnet_cls.errors import os_error_line
+from hrnet_cls.errors import RunDirError, os_error_line
 
 logger = logging.getLogger(__name__)
-
-
-class RunDirError(RuntimeError):
-    """The output directory cannot be used (locked, unwritable, holds another run); one line."""
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -36,7 +26,7 @@ def _describe(holder: dict[str, Any]) -> str:
 
 
 class RunLock:
-    """The lock of one output directory, held by this process (see the module docstring)."""
+    """The lock of one run folder, held by this process."""
 
     def __init__(self, path: Path, fd: int | None) -> None:
         self.path, self.fd = path, fd

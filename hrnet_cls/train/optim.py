@@ -1,8 +1,6 @@
-"""SGD optimizer and the paper's step LR schedule (docs/design.md section 3).
-
-The schedule is a pure function of the global optimizer step, so resuming needs only the
-step counter stored in the checkpoint: there is no scheduler state to save.
-"""
+"""The update rule of a recipe: SGD, the paper's step LR schedule, and the weight average (EMA)
+(docs/design.md §3, §4.1). The schedule is a function of the samples seen, so a resume needs no
+scheduler state."""
 from __future__ import annotations
 
 import logging
@@ -18,13 +16,9 @@ from hrnet_cls.config import OptimConfig, ScheduleConfig
 logger = logging.getLogger(__name__)
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    """SGD with (Nesterov) momentum; weight decay on every parameter unless configured off.
-
-    Off: timm's ``param_groups_weight_decay`` exempts every 1-D tensor (norm weights and
-    biases, whatever their dotted names) and every ``.bias``. For HRNet-C that is exactly
-    the normalisation-layer parameters plus all biases (tests/test_optim.py checks it on
-    every variant); it never goes by names like ``transition1.0.1.weight``.
-    """
+    """SGD with (Nesterov) momentum; weight decay on every parameter, or, with wd_on_norm_and_bias
+    off, on none of the 1-D tensors and biases (timm's ``param_groups_weight_decay``: for HRNet-C
+    exactly the norm parameters plus biases, never chosen by dotted name)."""
     if cfg.wd_on_norm_and_bias:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": cfg.weight_decay}]
     else:
@@ -37,26 +31,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
 
 
 class StepSchedule:
-    """Step decay with optional linear warm-up, a function of epoch progress measured in samples.
-
-    A step that trains the samples between fractional epochs ``start`` and ``end`` (epoch +
-    fraction of the epoch's samples; train_loader.TrainLoader.progress) runs at
-    base_lr x decay_rate ** (number of decay epochs <= start) x min(1, end / warmup_epochs).
-    With decay_epochs=[30] every step of epoch 29 runs at base_lr and the first step of epoch
-    30 at base_lr x decay_rate (timm's MultiStepLRScheduler decays one epoch early). The
-    warm-up reaches 1 on its last step and no step runs at lr 0. Being a function of samples
-    seen, the lr of a sample does not change when a run resumes on another number of processes.
-    """
+    """Step decay with linear warm-up over epoch progress in samples: a step over fractional epochs
+    [start, end] runs at base_lr x decay_rate ** (decay epochs <= start) x min(1, end / warmup_epochs),
+    so epoch 30 is the first at the decayed lr (timm's MultiStepLRScheduler: epoch 29), and a
+    sample's lr does not depend on the number of processes."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, base_lr: float):
         self.optimizer = optimizer
         self.decay_epochs = list(cfg.decay_epochs)
         self.decay_rate = cfg.decay_rate
         self.warmup_epochs = cfg.warmup_epochs
-        # The peak lr of every group is the recipe's optim.lr, owned here: the optimizer's
-        # param_groups are only written, so a state loaded on resume (before or after this
-        # is built) cannot change the schedule.
-        self.base_lr = base_lr
+        self.base_lr = base_lr  # owned here: param_groups are only written, so a loaded state cannot change it
 
     def factor_at(self, start: float, end: float | None = None) -> float:
         """Multiplier of the peak lr for a step over epoch progress [start, end]."""

@@ -1,25 +1,8 @@
-"""Graceful preemption: SIGTERM, SIGUSR1 or SIGINT stop every rank at the same step boundary.
-
-A cluster takes a job away with SIGTERM (Kubernetes, SLURM at the time limit or on
-preemption, torchrun forwarding its own signal) or with SIGUSR1 ahead of the limit
-(``sbatch --signal=USR1@120``); Ctrl+C is SIGINT, a closed terminal SIGHUP. The first such
-signal only sets a flag; the training loop asks ``StopRequest.poll()`` after every step,
-every rank gets the same answer at the same step, rank 0 saves ``last.pth`` there, writes
-``run_dir.PREEMPTED_MARKER`` (torchrun reports any worker exit as status 1, so a batch
-script tells a preemption from a crash by this file), every rank waits for that, and
-train.py exits with ``PREEMPTED_EXIT``.
-
-The same signal often arrives twice (torchrun forwards it and SLURM signals every process of
-the step): repeats within ``REPEAT_S`` are ignored. A signal after that, while the stop is not
-yet agreed, stops the process at once, without saving. Once every rank has agreed to stop,
-stop signals are ignored until the process exits: the save, the marker and the exit run to the
-end and the status stays 75 however many signals the scheduler and torchrun still send.
-
-Agreement costs no device sync: each rank's flag goes into an asynchronous all_reduce (MAX)
-on a gloo group of CPU tensors, started after step k and read after step k+1, so a stop
-takes effect one or two steps after the signal on every rank alike. DataLoader workers
-ignore these signals (hrnet_cls.data.workers), so a signal to the whole process group
-cannot take their batches away before the boundary.
+"""Stop signals (SIGTERM, SIGUSR1, SIGINT, SIGHUP) agreed across ranks at one step boundary
+(docs/design.md §6.6). The first signal sets a flag that rides an asynchronous MAX all_reduce on a
+gloo group, so every rank stops after the same step without a device sync; a repeat within
+``REPEAT_S`` is the same signal delivered twice, a later one stops at once without saving, and once
+the stop is agreed every stop signal is ignored until the process exits (status 75).
 """
 from __future__ import annotations
 
@@ -34,17 +17,14 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-# EX_TEMPFAIL of sysexits.h: "try again later". Preempted with the checkpoint saved: running the
-# same command again (checkpoint.resume=auto) continues where this run stopped.
-PREEMPTED_EXIT = 75
-# SIGTERM: a scheduler's or torchrun's stop; SIGUSR1: `sbatch --signal=USR1@120`; SIGINT: Ctrl+C;
-# SIGHUP: a closed terminal. torchrun forwards TERM, INT and HUP to its workers.
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL, "try again later": the same command continues where the run stopped
+# Ctrl+C; a scheduler's or torchrun's stop; `sbatch --signal=USR1@120`; a closed terminal
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 REPEAT_S = 2.0  # a repeated signal sooner than this is the same one delivered twice
 
 
 class Preempted(Exception):
-    """Training stopped on a signal at a step boundary, after rank 0 saved last.pth."""
+    """Training stopped on a signal at a step boundary, after rank 0 saved last.pth; its text says where."""
 
 
 class StopRequest:

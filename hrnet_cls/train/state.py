@@ -1,37 +1,13 @@
-"""Training checkpoints: the state of a run as a dict, and one checkpoint file read or written.
-
-Reading weights for fine-tuning or validation is hrnet_cls.models.weights' job.
-
-Checkpoint dict (every value loads with ``torch.load(weights_only=True)``, so timm's
-``load_checkpoint`` reads it too; timm takes 'model_ema' when not None, else 'model'):
-
-    model           state_dict of the bare model (no 'module.' / '_orig_mod.' prefixes)
-    model_ema       state_dict of the EMA weights, or None
-    optimizer       optimizer.state_dict()
-    scaler          GradScaler.state_dict() ({} when loss scaling is off), or None
-    epoch           epoch to resume in, 0-based (= number of completed epochs when
-                    batch_in_epoch is 0)
-    batch_in_epoch  batches of that epoch already trained on (0 at an epoch boundary)
-    step            global optimizer steps taken (the LR schedule follows samples, not steps)
-    rng             one capture_rng() dict per rank, indexed by rank
-    config          config_to_dict(cfg) of the run
-    model_name      timm model name
-    git_commit      commit hash (+ "-dirty"), or None outside a git checkout
-    metrics         dict of the latest metrics, e.g. {"val_top1": 76.9}
-    best_metric     best metric so far (written by run_dir.RunDir.save)
-    data            TrainLoader.state(): the loader layout (world size, workers, batch, shards), the
-                    samples its plan excluded, and the positions trained on in this epoch (packed
-                    bits; None at an epoch end), from which any layout can continue
-
-Which files of a run folder hold checkpoints, and which one a run resumes from, is
-hrnet_cls.train.checkpointer's job; putting the training objects back is hrnet_cls.train.resume's.
-"""
+"""The state of a run as a checkpoint dict, where it stands (:class:`Position`), and one file read or
+written. The dict's keys are listed in docs/design.md §6.1; every value loads with
+``torch.load(weights_only=True)``, so timm's ``load_checkpoint`` reads it too."""
 from __future__ import annotations
 
 import logging
 import random
 import subprocess
 from collections.abc import Mapping
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +22,44 @@ from hrnet_cls.models.weights import read_file
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIRED_KEYS = ("model", "optimizer", "epoch", "step", "batch_in_epoch")
 
 
-# ---------------------------------------------------------------- small helpers
+@dataclass(frozen=True)
+class EpochSums:
+    """An epoch's running totals over every process; a mid-epoch checkpoint carries them, so the
+    epoch's row after a resume covers the whole epoch."""
+
+    loss_sum: float = 0.0  # of the finite per-process step losses
+    losses: int = 0  # per-process step losses (steps x processes)
+    nonfinite: int = 0  # of those, NaN / inf
+    images: int = 0
+    skipped: int = 0
+    time_s: float = 0.0  # training time
+
+    def __add__(self, other: EpochSums) -> EpochSums:
+        return EpochSums(*(a + b for a, b in zip(astuple(self), astuple(other))))
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: what a checkpoint stores besides the weights and optimizer."""
+
+    epoch: int = 0  # 0-based epoch to continue in (= epochs completed when batch_in_epoch is 0)
+    step: int = 0  # optimizer steps taken
+    batch_in_epoch: int = 0  # batches of that epoch already trained (0: at its start)
+    metrics: dict[str, float] = field(default_factory=dict)  # the latest validation metrics
+    best_metric: float | None = None  # best val top-1 so far
+    data: dict[str, Any] | None = None  # TrainLoader.state(): layout and the samples trained on
+    epoch_sums: EpochSums | None = None  # of the stopped epoch (None at an epoch end)
+
+    @classmethod
+    def of(cls, state: Mapping[str, Any]) -> Position:
+        sums = state.get("epoch_sums")
+        return cls(epoch=int(state["epoch"]), step=int(state["step"]), batch_in_epoch=int(state["batch_in_epoch"]),
+                   metrics=dict(state.get("metrics") or {}), best_metric=state.get("best_metric"),
+                   data=state.get("data"), epoch_sums=EpochSums(**sums) if sums else None)
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str | None:
@@ -75,8 +84,7 @@ def capture_rng() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        # Only touch CUDA if this process already uses it: querying would initialise it.
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # querying would initialise it
     }
 
 
@@ -95,47 +103,38 @@ def _as_tuple(value: Any) -> Any:
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-# ---------------------------------------------------------------- state dicts
-
-
 def build_state(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    epoch: int,
-    step: int,
-    batch_in_epoch: int,
+    position: Position,
     config: Mapping[str, Any],
-    metrics: Mapping[str, float] | None = None,
     model_ema: nn.Module | None = None,
     scaler: torch.amp.GradScaler | None = None,
     rng: list[dict[str, Any]] | None = None,
-    data: dict[str, Any] | None = None,
-    epoch_sums: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The checkpoint dict described in the module docstring.
-
-    rng: one capture_rng() per rank (gather with distributed.all_gather_object on every
-    rank before rank 0 saves); default: this process only.
-    """
+    """The checkpoint dict of the training objects at ``position``; rng: one capture_rng() per
+    rank (default: this process only)."""
     ema = None
     if model_ema is not None:
         ema = clean_state_dict(unwrap_model(getattr(model_ema, "module", model_ema)).state_dict())
+    sums = position.epoch_sums if position.batch_in_epoch else None
     return {
         "model": clean_state_dict(unwrap_model(model).state_dict()),
         "model_ema": ema,
         "optimizer": optimizer.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": epoch,
-        "step": step,
-        "batch_in_epoch": batch_in_epoch,
+        "epoch": position.epoch,
+        "step": position.step,
+        "batch_in_epoch": position.batch_in_epoch,
         "rng": rng if rng is not None else [capture_rng()],
         "config": dict(config),
         "model_name": config.get("model", {}).get("name", type(unwrap_model(model)).__name__),
         "git_commit": git_commit(),
-        "metrics": dict(metrics or {}),
-        "data": data,
-        "epoch_sums": dict(epoch_sums) if epoch_sums else None,
+        "metrics": dict(position.metrics),
+        "best_metric": position.best_metric,
+        "data": position.data,
+        "epoch_sums": asdict(sums) if sums else None,
     }
 
 
@@ -148,11 +147,9 @@ def restore_state(
     rank: int = 0,
     world_size: int | None = None,
 ) -> None:
-    """Load a checkpoint dict back into the training objects (strict) and this rank's RNG.
-
-    The RNG states (dropout, drop path) are restored only when the checkpoint has one per rank
-    of this world size; otherwise the caller's seeding stands (the data order does not use them).
-    """
+    """Load a checkpoint dict back into the training objects (strict) and this rank's RNG, the
+    latter only when the checkpoint has one per rank of this world size (the data order does not
+    use it)."""
     unwrap_model(model).load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -171,16 +168,13 @@ def restore_state(
                     "draws start afresh", len(rngs), world_size)
 
 
-# ---------------------------------------------------------------- files
-
-
 def save_checkpoint(path: str | Path, state: Mapping[str, Any]) -> None:
-    """torch.save state to path atomically, with its sha256 beside it (hrnet_cls.atomic)."""
+    """torch.save state to path atomically, with its sha256 beside it."""
     write_atomic(Path(path), lambda f: torch.save(dict(state), f), checksum=True)
 
 
 def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
-    """Load one of our checkpoints on the CPU; raises if unreadable or not a training checkpoint."""
+    """One of our checkpoints, on the CPU; raises if unreadable or not a training checkpoint."""
     state = read_file(path, mmap=mmap)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint dict ({type(state).__name__})")
@@ -190,9 +184,9 @@ def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def check_checkpoint(path: Path) -> bool:
-    """True: path verified against its .sha256 (and its pickle reads); False: it has no .sha256
-    and loaded in full (every tensor read). Raises ChecksumError, or the reading error, otherwise."""
+def read_verified(path: Path) -> tuple[dict[str, Any], bool]:
+    """(the checkpoint, whether it matched its .sha256). A verified file is memory-mapped (its
+    bytes are known good); one without a .sha256 is read in full, every tensor, so a truncated one
+    fails here. Raises ChecksumError, or the reading error, otherwise."""
     verified = verify(path)
-    load_checkpoint(path, mmap=verified)  # verified bytes: the pickle is all that is left to read
-    return verified
+    return load_checkpoint(path, mmap=verified), verified

@@ -1,12 +1,6 @@
-"""Metrics sink of the main rank: summary.csv in the output directory, and W&B.
-
-The W&B mode is decided before ``wandb.init``: against an unreachable server ``wandb.init``
-blocks for its default 90 s init timeout and then raises, and falling back to offline in
-the same process can hang. So "online" is only tried when wandb finds an API key without
-prompting and the server verifies it within ``connect_timeout_s``, both checked in a child
-process that is killed if it overruns (see ``_CHECK``); ``wandb.init`` itself runs under
-``init_timeout_s`` for servers that answer but then stall. Any failure means training goes
-on without W&B after one warning.
+"""The run's records on the main rank: summary.csv rows and W&B (docs/design.md §4.11). The W&B mode
+is decided before ``wandb.init``, with every wait bounded: online needs an API key found without a
+prompt and verified by the server in time, else training goes on without W&B after one warning.
 """
 from __future__ import annotations
 
@@ -22,9 +16,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hrnet_cls.config import Config, WandbConfig, config_to_dict
+from hrnet_cls.config import WandbConfig, config_to_dict
 from hrnet_cls.errors import flat
-from hrnet_cls.train.checkpointer import RunDir
+from hrnet_cls.train.checkpointer import Checkpointer
 
 logger = logging.getLogger(__name__)
 
@@ -143,28 +137,25 @@ def _csv_cell(value: float | int | None) -> str:
 
 
 class Tracker:
-    """summary.csv + W&B for the main rank of a run folder; on other ranks every method does nothing.
+    """summary.csv + W&B of a run folder, on its main rank (elsewhere every method does nothing).
 
-    start_epoch: the epoch a resumed run restarts at (checkpoint["epoch"]); rows of
-    summary.csv from that epoch on are dropped, earlier ones kept. 0 starts a new file.
-    resuming: the run continues a checkpoint, and its W&B run (the id in the run folder).
-    Online, the server must verify the API key within connect_timeout_s and wandb.init
-    finish within init_timeout_s; otherwise training goes on without W&B.
-    """
+    start_epoch: rows of summary.csv from this epoch on are dropped (a resume redoes them).
+    resuming: continue the W&B run whose id the folder holds."""
 
-    def __init__(self, cfg: Config, run_dir: RunDir, start_epoch: int = 0, resuming: bool = False,
+    def __init__(self, cfg: WandbConfig, run: Checkpointer, start_epoch: int = 0, resuming: bool = False,
                  connect_timeout_s: float = 3.0, init_timeout_s: float = 30.0):
-        self.enabled = run_dir.is_main
+        self.enabled = run.is_main
         self.run: Any = None  # the wandb Run, or None without W&B
-        self.summary_path = run_dir.summary_csv
+        self.summary_path = run.summary_csv
         self._warned_extra: set[str] = set()
         if not self.enabled:
             return
         self.summary_path.parent.mkdir(parents=True, exist_ok=True)
         self._start_summary(start_epoch)
-        mode = resolve_wandb_mode(cfg.wandb, connect_timeout_s)
+        mode = resolve_wandb_mode(cfg, connect_timeout_s)
         if mode != "disabled":
-            self.run = _init_wandb(cfg, run_dir.path, mode, init_timeout_s, run_dir.wandb_run_id(resuming))
+            recipe = config_to_dict(run.recipe) if run.recipe is not None else {}
+            self.run = _init_wandb(cfg, recipe, run.path, mode, init_timeout_s, run.wandb_run_id(resuming))
 
     def _start_summary(self, start_epoch: int) -> None:
         kept: list[dict[str, str]] = []
@@ -224,20 +215,21 @@ def _bounded_teardown(timeout_s: float = 10.0) -> None:
     thread.join(timeout_s)
 
 
-def _init_wandb(cfg: Config, output_dir: Path, mode: str, init_timeout_s: float, run_id: str) -> Any:
+def _init_wandb(cfg: WandbConfig, recipe: dict[str, Any], output_dir: Path, mode: str, init_timeout_s: float,
+                run_id: str) -> Any:
     """wandb.init of run ``run_id`` (continued if it exists) in an already-decided mode; on
     failure warn once and return None."""
     import wandb
 
     if mode == "online":
         _online_wandb()
-    name = cfg.wandb.name or f"{cfg.model.name}-{output_dir.resolve().name}"
+    name = cfg.name or f"{recipe.get('model', {}).get('name', 'hrnet')}-{output_dir.resolve().name}"
     started = time.monotonic()
     try:
         run = wandb.init(
-            project=cfg.wandb.project, entity=cfg.wandb.entity or None, name=name, tags=list(cfg.wandb.tags),
+            project=cfg.project, entity=cfg.entity or None, name=name, tags=list(cfg.tags),
             id=run_id, resume="allow",
-            config=config_to_dict(cfg), mode=mode,
+            config=recipe, mode=mode,
             # WANDB_DIR, when set, chooses where run files go; else next to the checkpoints
             dir=None if os.environ.get("WANDB_DIR") else str(output_dir),
             settings=wandb.Settings(init_timeout=init_timeout_s),
