@@ -1,20 +1,8 @@
 """Validate checkpoints and timm models on webdataset val shards; sweep sizes and crops.
 
     python validate.py --checkpoint runs/demo_digits --data 'shards/digits/val-{000000..000001}.tar'
-    python validate.py --model 'hrnet_w18*_c' --data '/data/imagenet-wds/val-{000000..000063}.tar' \\
-        --img-size 224 256 --crop-pct 0.875 1.0 --results-file sweep.csv
-    python validate.py --model hrnet_w18_c --weights hrnetv2_w18_imagenet_pretrained.pth --data ...
-    python validate.py --model local-dir:exports/digits_tiny --data ...   # a folder of python -m hrnet_cls.export
-    torchrun --nproc_per_node=2 validate.py --checkpoint 'runs/w18/epoch_*.pth' --data ...
 
-One row per (model, checkpoint, img_size, crop_pct). Rows with the same preprocessing share
-one pass over the data: each batch is decoded once and run through every model of the pass
-(all of them resident in memory; --max-models-per-pass caps that). Counts are exact: every
-sample is validated once over all processes, and samples + bad samples must equal the count
-in _info.json. A checkpoint that cannot be validated becomes a row with its error.
-
-Exit status: 0 = every row validated, 1 = some rows failed (see their error), 2 = usage error.
-"""
+Rows, passes, columns and exit status: README "Validation and sweeps"; exact counts: docs/design.md §4.9, §5.5."""
 from __future__ import annotations
 
 import argparse
@@ -102,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     env_rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if env_rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # 1. arguments and shards, checked on every rank before any process group or model exists
+    # checked on every rank before any process group or model exists
     try:
         check_usage(args)
         shards = expand_urls(args.data)
         device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-        precision = Precision.of(args.precision, device)  # as in training: auto = bf16 on CUDA, fp32 elsewhere
+        precision = Precision.of(args.precision, device)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # UsageError is a ValueError
         if env_rank == 0:
             print(f"validate.py: error: {exc}", file=sys.stderr)
@@ -119,14 +107,11 @@ def main(argv: list[str] | None = None) -> int:
                              args.compile)
     dist_info = init_distributed()
     try:
-        # 2. rows: every (weights, img_size, crop_pct); unreadable inputs become failed rows
         specs = checkpoint_specs(args.checkpoint) + model_specs(args.model, args.weights)
         specs = describe_all(specs, use_ema=args.use_ema, num_classes=args.num_classes)
         rows = build_rows(specs, args.img_size, args.crop_pct)
-        # 3. one pass over the data per preprocessing group, every model of the group fed each batch
         run_sweep(rows, settings, dist_info)
-        # 4. results, from rank 0 only; the other ranks wait for it: torchrun stops every
-        # process as soon as one exits non-zero (here: 1 when some rows failed)
+        # the other ranks wait for rank 0's report: torchrun stops every process once one exits non-zero
         if dist_info.is_main:
             report(rows, args.results_file, args.results_format)
         barrier()

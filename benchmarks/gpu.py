@@ -43,8 +43,7 @@ FULL = dict(timm="hrnet_w18", w18="hrnet_w18_c", big=["hrnet_w44_c", "hrnet_w48_
             train_model="hrnet_w18_c", train_batch=256, train_steps=300, train_compile=True, limit=440.0,
             states=["hrnet_w18_c", "hrnet_w64_c"],
             budgets={1: 140.0, 2: 30.0, 3: 20.0, 4: 70.0, 5: 30.0, 6: 100.0, 7: 40.0})
-# the code path on a CPU: timm's hrnet_w18_small and ours, hrnet_tiny_c, 32 px, a handful of steps, the
-# compile backend "eager"; the budgets leave a busy machine room (a section ending early leaves its time to the rest)
+# --smoke: the same code at CPU sizes (docs/design.md §7.3); the budgets leave a busy machine room
 SMOKE = dict(FULL, timm="hrnet_w18_small", w18="hrnet_w18_small_c", big=["resnet18"], ckpt=["hrnet_tiny_c"],
              states=["hrnet_tiny_c"], img=32, batch=2,
              val_batch=4, precision="fp32", backend="eager", min_time=0.0, fp16_model="hrnet_tiny_c", fp16_steps=4,

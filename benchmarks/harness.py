@@ -1,9 +1,7 @@
-"""The one harness of every benchmark: timing, the common options, machine info, JSON + markdown output.
+"""The one harness of every benchmark: timing, the common options, machine info, JSON + markdown (docs/design.md §7.2).
 
-A benchmark is ``run(args, report)``, adding sections of rows to ``report`` as it measures (a row that
-fails records its error and the rest go on); ``cli`` parses the common options (``--smoke``: tiny sizes),
-runs it, prints the tables, writes OUT/NAME.json and OUT/NAME.md, and exits 1 if a row has an error.
-"""
+A benchmark is ``run(args, report)``, adding rows to ``report`` as it measures (a failing row records its error);
+``cli`` runs it, prints the tables, writes OUT/NAME.json and OUT/NAME.md, and exits 1 if a row has an error."""
 import argparse
 import gc
 import json
@@ -35,12 +33,9 @@ def log(message: str) -> None:
 
 
 def measure(fns: dict[str, Callable[[], Any]], args: argparse.Namespace, first: bool = False) -> dict[str, dict]:
-    """{name: timing} of zero-argument callables by Timer.blocked_autorange (a warm-up call, then calls
-    for ``args.min_time`` s, the device synchronised), in ``args.rounds`` rounds interleaved across them
-    (drift hits all alike), times pooled: median_s, min_s, max_s, n; {"error"} for one that raises.
-    first=True also times each one's very first call (first_s: a compile, cuDNN autotuning): a one-off
-    Timer cannot see, as it warms up before timing, so the wall clock around one call and a device sync.
-    """
+    """{name: timing} of zero-argument callables by Timer.blocked_autorange in ``args.rounds`` interleaved rounds:
+    median_s, min_s, max_s, n (seconds per call), or {"error"}. first=True also times each one's first call by
+    the wall clock (first_s: a compile, cuDNN autotuning), which Timer's warm-up hides."""
     from torch.utils.benchmark import Timer  # imported here: it imports cpp_extension, which can warn at import
 
     out: dict[str, dict] = {name: {"times": []} for name in fns}

@@ -1,14 +1,10 @@
 """Write the recipe YAMLs in this directory from the schema in hrnet_cls/config.py.
 
-    python configs/generate.py          # write the recipes that do not exist yet
-    python configs/generate.py --force  # overwrite all of them (loses hand edits)
+    python configs/generate.py [--force]       # write missing recipes (--force: all, losing hand edits)
     python configs/generate.py --readme-table  # the README's model table
 
-Everything is derived from the schema (hrnet_cls/config.py) and the variant table
-(hrnet_cls/hrnet_c.py VARIANTS): identical comments, key order and paper hyper-parameters,
-so that two recipes diff to their real differences. tests/test_config.py checks that the
-committed YAMLs and the README's model table are what this script writes; after adding a
-variant or a config field, run it with --force.
+From the schema and hrnet_cls/models/hrnet_c.py VARIANTS, so recipes diff to their real differences;
+tests/test_config.py checks the committed YAMLs and README table: rerun with --force after adding either.
 """
 from __future__ import annotations
 

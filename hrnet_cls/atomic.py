@@ -1,20 +1,7 @@
-"""Files that are either the old version or the new one, never a mix, each with its checksum.
-
-A file is written under a temporary name in its own directory, fsync'ed, then renamed onto
-its name, and the directory is fsync'ed, so a crash, a killed process or a full disk leaves
-the previous version readable and the temp file is removed (docs/design.md §6.3). Temp names
-carry the writer's host and pid (``.last.pth.HOST.PID.XXXX.tmp``): clean-up removes only
-those proven stale, written on this host by a process that no longer exists.
-
-Every file the project writes goes through ``publish``, by ``write_atomic`` or directly for a
-file another library wrote by name (tar shards, an export's staging folder).
-
-Checksums: ``write_atomic(..., checksum=True)`` hashes the bytes as they are written (no
-second read) and leaves ``NAME.sha256`` beside the file in ``sha256sum`` format, so
-``sha256sum -c last.pth.sha256`` checks it by hand. torch.load does not check its zip
-records' CRCs (a flipped byte in a tensor loads silently), so every reader of our checkpoints
-(resume, model.init_from, validate.py, the export) calls ``verify`` first.
-"""
+"""Files that are the old version or the new one, never a mix, optionally with a sha256 sidecar (docs/design.md §6.3).
+``publish`` carries checkpoints and their sidecars, config.yaml, wandb_run_id, the PREEMPTED marker, shards and
+_info.json, results files and export folders; summary.csv rows (appended), the run lock and W&B's files bypass it.
+Temp names (``.NAME.HOST.PID.XXXX.tmp``) let clean-up remove only those of dead writers on this host."""
 from __future__ import annotations
 
 import hashlib
@@ -33,16 +20,11 @@ _CHUNK = 1 << 22  # bytes per read when hashing or copying
 
 
 def sidecar(path: Path) -> Path:
-    """The checksum file of ``path``."""
     return path.with_name(path.name + ".sha256")
 
 
 class _Hashing:
-    """A write-only file that hashes what goes through it and keeps the first OSError.
-
-    torch.save reports a failed write as "unexpected pos ..." from its zip writer; the
-    OSError seen here (ENOSPC, EDQUOT, EIO) is what the user needs to read.
-    """
+    """Hashes what is written through it and keeps the first OSError (torch's zip writer says "unexpected pos")."""
 
     def __init__(self, file: BinaryIO) -> None:
         self.file, self.hash, self.error = file, hashlib.sha256(), None
@@ -98,9 +80,8 @@ def _write_temp(path: Path, write: Callable[[Any], None]) -> tuple[str, str]:
 
 
 def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
-    """Put the finished file ``tmp`` at ``path`` (same file system) atomically: fsync'ed, given
-    open()'s mode (some writers make 0600 files), renamed, the directory fsync'ed; on failure
-    tmp is removed and path left as it was. The one rename of every file the project writes."""
+    """Put the finished file ``tmp`` at ``path`` (same file system) atomically: fsync'ed, given open()'s mode,
+    renamed, the folder fsync'ed; on failure tmp is removed and path left as it was."""
     try:
         _fsync(tmp)
         os.chmod(tmp, _MODE)
@@ -112,12 +93,8 @@ def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Any], None] | bytes | str, checksum: bool = False) -> str:
-    """Put at ``path`` atomically the bytes, the text (UTF-8), or what ``write(file)`` writes to
-    the open binary file; returns the file's sha256 hex.
-
-    checksum: also write ``path.sha256``, after the file (a crash in between leaves a file
-    whose checksum does not match: resume then falls back to an older checkpoint).
-    """
+    """Put the bytes, the text (UTF-8) or what ``write(file)`` writes at ``path`` atomically; returns its sha256 hex.
+    checksum: also ``path.sha256``, after the file (a crash between leaves a mismatch: resume falls back)."""
     path = Path(path)
     if isinstance(write, (bytes, str)):
         data = write.encode() if isinstance(write, str) else write
@@ -156,9 +133,7 @@ class ChecksumError(ValueError):
 
 
 def verify(path: str | os.PathLike) -> bool:
-    """The one check of every reader of our files: True when path's bytes match its .sha256,
-    False when it has none (unverifiable: the caller says so). Raises ChecksumError naming
-    the file and both digests when they differ."""
+    """True when path's bytes match its .sha256, False when it has none; ChecksumError naming both digests if not."""
     path = Path(path)
     try:
         recorded = sidecar(path).read_text().split()

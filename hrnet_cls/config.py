@@ -1,13 +1,7 @@
-"""Typed training configuration: the dataclasses below are the schema, OmegaConf loads it.
-
-A recipe is one complete YAML file in ``configs/`` (every key present, so two recipes
-diff side by side); command-line overrides are dotted ``section.key=value`` strings whose
-values are parsed as YAML. Unknown keys, missing keys, wrong types and impossible values
-raise :class:`ConfigError` with one line naming the full dotted key. Each field's
-documentation is its ``doc`` metadata, from which the recipes' comments are generated.
-
-Defaults are the paper recipe for HRNet-W18-C on 8 processes x 32 images.
-"""
+"""Typed training configuration: the dataclasses below are the schema, OmegaConf loads it. A recipe is one complete
+YAML file in ``configs/`` (every key present); overrides are dotted ``section.key=value`` strings parsed as YAML.
+Any bad key, type or value raises ConfigError naming the dotted key; each field's ``doc`` text is its recipe comment.
+Defaults are the paper recipe for HRNet-W18-C on 8 processes x 32 images."""
 from __future__ import annotations
 
 import dataclasses
@@ -163,8 +157,7 @@ class Config:
         validate(self)
 
 
-# Section name -> section dataclass, and dotted key -> type (get_type_hints resolves the string annotations
-# that __future__ annotations leaves), both in declaration order.
+# section -> dataclass, dotted key -> type, in declaration order (get_type_hints resolves __future__'s strings)
 _SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 _TYPES: dict[str, Any] = {f"{s}.{k}": tp for s, c in _SECTIONS.items() for k, tp in typing.get_type_hints(c).items()}
 
@@ -224,9 +217,8 @@ def _check_strict(raw: dict[str, Any]) -> None:
     for key, tp in _TYPES.items():
         section, name = key.split(".")
         body = raw.get(section, {})
-        # OmegaConf turns 1, "1" or "y" into True for a bool, and false or 5 into "False" or "5" for a str:
-        # `nesterov: 1` or `resume: false` would silently run something other than what was meant. A scalar
-        # for a list it does reject, but its message shows its wrapper node instead of the value.
+        # OmegaConf silently makes 1, "1" or "y" a bool True and false or 5 a str ("False", "5"); a scalar
+        # for a list it rejects, but its message shows its wrapper node instead of the value
         expected = typing.get_origin(tp) or tp
         if expected in (bool, str, list) and name in body and not isinstance(body[name], expected):
             raise _wrong_type(key, body[name])
@@ -327,8 +319,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ConfigError naming an unregistered timm model and the closest registered names
-    (train.py's model.name and validate.py's --model / checkpoint model names alike)."""
+    """Raise ConfigError naming an unregistered timm model and the closest registered names."""
     import timm  # deferred: importing timm costs about a second
 
     if timm.is_model(name):
@@ -336,9 +327,6 @@ def check_model_name(name: str) -> None:
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
     raise ConfigError(f"unknown timm model {name!r}{hint}")
-
-
-# ---------------------------------------------------------------- validation
 
 
 def _require(ok: bool, message: str) -> None:

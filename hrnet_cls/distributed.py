@@ -1,8 +1,5 @@
-"""Process-group setup from torchrun's environment, and the few collectives training uses.
-
-Every helper works unchanged in a single process (plain ``python train.py``): collectives
-become identities there.
-"""
+"""Process-group setup from torchrun's environment, and the few collectives training uses; in a single
+process (plain ``python train.py``) the collectives are identities."""
 from __future__ import annotations
 
 import logging
@@ -19,24 +16,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistInfo:
-    rank: int  # global process index, 0 .. world_size - 1
+    rank: int
     local_rank: int  # process index on this machine: picks the GPU
-    world_size: int  # number of processes in the job
-    device: torch.device  # cuda:<local_rank> when CUDA is available, else cpu
+    world_size: int
+    device: torch.device
     is_main: bool  # rank 0: the only process that logs, tracks and saves
     control_group: Any = field(default=None, compare=False)  # gloo group for CPU-side agreement; None alone
 
 
 def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK,
-    MASTER_ADDR/PORT via env://): NCCL with CUDA, gloo on CPU. Without WORLD_SIZE, or
-    with WORLD_SIZE=1, no process group is created.
-
-    timeout_s bounds how long a collective waits for a stuck rank before raising (a
-    process that died, or one that never arrives): the run then fails instead of hanging.
-    The control group (gloo, CPU tensors) carries small agreements such as the stop flag of
-    hrnet_cls.train.preemption without touching the GPU stream.
-    """
+    """Join the process group torchrun describes (env://; none at WORLD_SIZE unset or 1): NCCL with CUDA, else gloo.
+    timeout_s bounds a collective's wait for a stuck rank; the gloo control group carries CPU-side agreements."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -85,8 +75,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def broadcast_buffers(model: torch.nn.Module) -> None:
-    """Give every process rank 0's buffers. Under DDP each process last updated its BN running
-    statistics from its own batch; validate (and keep training from) the ones rank 0 saves."""
+    """Give every process rank 0's buffers, the ones it saves (under DDP each rank's BN statistics differ)."""
     if is_distributed():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)

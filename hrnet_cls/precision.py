@@ -1,10 +1,5 @@
-"""Numeric precision, chosen once: a name -> the autocast context and the loss scaler.
-
-``train.precision`` and validate.py's ``--precision`` both go through ``resolve``:
-"auto" is bf16 on CUDA and fp32 elsewhere; fp16 needs CUDA (its GradScaler does). The
-training loop then runs ``with p.autocast():`` and ``p.grad_scaler()``'s methods without
-asking which precision is on: fp32 is autocast disabled and a disabled scaler.
-"""
+"""Numeric precision, resolved once (``train.precision``, validate.py's ``--precision``) into the autocast context
+and loss scaler the loops use without asking which is on (fp32: both disabled)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,7 +26,7 @@ class Precision:
     """A resolved precision on one device type."""
 
     name: str  # bf16 | fp16 | fp32
-    device_type: str  # cuda | cpu | ...
+    device_type: str
 
     @classmethod
     def of(cls, name: str, device: torch.device | str) -> Precision:

@@ -3,13 +3,7 @@
     pip install -e ".[sample]"        # scikit-learn
     python shards/make_digits.py      # rewrites shards/digits/ (same bytes on a rerun)
 
-``sklearn.datasets.load_digits``: 1,797 real 8x8 grey-level digit scans (values 0..16),
-10 classes. Each is scaled to 0..255, upscaled to 32x32 (bicubic), stored as RGB JPEG
-(quality 90, about 950 bytes), and split 80/20 stratified by class with a fixed seed into
-1,437 train / 360 val. The two splits go through the ImageNet route: train as an
-ImageFolder tree, val as a flat folder plus a labels CSV, both in a temporary directory,
-then ``hrnet_cls.shards.write_split`` writes 8 train and 2 val shards (so 2 processes x 2
-workers all get data) without the .json sidecars, about 4.6 MB in all.
+What the set holds and how it is made (the ImageNet routes, in a temporary folder): shards/README.md.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Reading webdataset shards: shard lists, the _info.json index, and the samples of one
-stretch of a shard, with every webdataset stage under its own error handler (a truncated
-tar yields a partial sample that would break a later stage; docs/design.md section 4).
-
-Unusable samples (no image, missing / non-integer / out-of-range label, lost to a truncated
-tar or a missing shard) are skipped, counted, and reported through rate-limited warnings.
-"""
+"""Reading webdataset shards: shard lists, the _info.json index, and the checked samples of one
+stretch of a shard, every webdataset stage under its own error handler (docs/design.md §4.7, §5.2).
+Unusable samples are skipped and counted; a label out of range raises LabelError instead."""
 from __future__ import annotations
 
 import collections
@@ -34,12 +30,8 @@ RawSample = tuple[str, bytes, int, int]  # (key, encoded image, class index, pos
 T = TypeVar("T")
 
 
-# ---------------------------------------------------------------- warnings
-
-
 class _RateLimitedWarning:
-    """Log the first ``burst`` warnings, then at most one per ``interval_s`` seconds, saying
-    how many were held back (bad data in a large dataset must not flood the log)."""
+    """Log the first ``burst`` warnings, then at most one per ``interval_s`` seconds, counting those held back."""
 
     def __init__(self, burst: int = 10, interval_s: float = 30.0) -> None:
         self.burst, self.interval_s = burst, interval_s
@@ -61,9 +53,6 @@ class _RateLimitedWarning:
 warn = _RateLimitedWarning()
 
 
-# ---------------------------------------------------------------- shard lists
-
-
 def _is_remote(url: str) -> bool:
     return bool(_SCHEME.match(url)) and not url.startswith("file:")
 
@@ -71,7 +60,7 @@ def _is_remote(url: str) -> bool:
 def _expand_pattern(pattern: str) -> list[str]:
     names = wds_expand_urls(pattern)  # braces and WDS_ environment variables, as webdataset reads them
     if _is_remote(pattern):
-        return names  # pipe: commands and URLs are opened by webdataset's gopen
+        return names
     paths: list[str] = []
     for name in names:
         name = os.path.expanduser(re.sub(r"^file:(//)?", "", name))
@@ -88,13 +77,8 @@ def _expand_pattern(pattern: str) -> list[str]:
 
 
 def expand_urls(urls: str | Sequence[str]) -> list[str]:
-    """Shard list from brace patterns (``train-{000000..000007}.tar``), globs, plain paths,
-    ``pipe:`` commands and URLs; a string may join several with ``::``.
-
-    webdataset's own expansion does the braces; this adds what it lacks for local files:
-    globs, and a FileNotFoundError naming a pattern that matches no file. Paths named by a
-    pattern that matches some files but not all are kept (and skipped when read).
-    """
+    """Shard list from brace patterns, globs, plain paths, ``pipe:`` commands and URLs (``::`` joins several).
+    FileNotFoundError for a pattern matching no file; missing paths of a partly matched one are kept."""
     patterns = urls.split("::") if isinstance(urls, str) else [os.fspath(u) for u in urls]
     expanded = [url for pattern in patterns if pattern.strip() for url in _expand_pattern(pattern.strip())]
     if not expanded:
@@ -108,7 +92,7 @@ def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
         return os.path.join(urls_or_dir, INFO_NAME)
     if isinstance(urls_or_dir, str):
         first = expand_urls(urls_or_dir)[0]
-    else:  # already a list: its first entry's folder is enough (no globbing again)
+    else:  # already expanded: no globbing again
         first = wds_expand_urls(os.fspath(urls_or_dir[0]))[0]
     if first.startswith("pipe:"):
         return None
@@ -118,8 +102,7 @@ def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
 
 
 def load_info_file(where: str) -> dict | None:
-    """The _info.json object at a path or URL; None when there is none; ValueError naming
-    the file when it is unreadable or not a JSON object."""
+    """The _info.json object at a path or URL, or None; ValueError naming it if unreadable or not an object."""
     if not (_is_remote(where) or os.path.isfile(where)):
         return None
     try:
@@ -153,7 +136,6 @@ def _known_lengths(info: dict | None, where: str | None) -> dict[str, int]:
     """{normalised shard url: sample count} for every split listed in an _info.json."""
     if not info or where is None:
         return {}
-    # the index lists shards relative to its own folder
     remote = _is_remote(where)
     base = where.rsplit("/", 1)[0] if remote else os.path.dirname(where)
     known = {}
@@ -170,8 +152,7 @@ def _open_tar(url: str) -> tarfile.TarFile:
 
 
 def count_samples(url: str) -> int:
-    """Samples (distinct consecutive keys) in one shard; if it is damaged, those whose files
-    lie wholly inside what is readable (a local file cut short ends before its last member)."""
+    """Samples (distinct consecutive keys) in one shard; of a damaged one, those wholly inside its readable part."""
     count, last = 0, None
     try:
         size = None if _is_remote(url) else os.path.getsize(url)
@@ -188,9 +169,7 @@ def count_samples(url: str) -> int:
 
 
 def shard_lengths(urls: Sequence[str]) -> list[int]:
-    """Samples per shard of an expanded list: from the _info.json beside the first shard where it
-    lists the shard, else counted from the tar headers. Readers of these counts meet a shard's
-    missing samples as they read and count them as skipped (validation does)."""
+    """Samples per shard: from the _info.json beside the first shard where it lists it, else from tar headers."""
     where = _info_location(urls)
     known = _known_lengths(_load_info(where), where)
     listed = [known.get(_norm(url)) for url in urls]
@@ -200,8 +179,7 @@ def shard_lengths(urls: Sequence[str]) -> list[int]:
 
 
 def _looks_whole(path: str) -> bool:
-    """A local tar ends in zero blocks (its end-of-archive marker): a file cut on copy does not.
-    One small read per shard, so every listed length is checked before an epoch is planned."""
+    """Whether a local file ends in a tar's zero blocks (a file cut on copy does not); one small read."""
     try:
         with open(path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
@@ -212,10 +190,8 @@ def _looks_whole(path: str) -> bool:
 
 
 def checked_lengths(urls: Sequence[str]) -> tuple[list[int], dict[str, int]]:
-    """(samples per shard, {shard: samples listed that are not there}): shard_lengths, where a local shard
-    that does not end like a whole tar (cut short, missing) is counted instead and its shortfall
-    logged naming the shard. Training plans its epoch on these: planned on a listed count, the
-    epoch would have to read some samples twice to fill itself."""
+    """(samples per shard, {shard: listed samples not there}): shard_lengths, with a local shard that does
+    not end like a whole tar recounted and logged, so training never plans on samples that are not there."""
     lengths, short = [], {}
     for url, n in zip(urls, shard_lengths(urls)):
         if _is_remote(url) or _looks_whole(url):
@@ -243,13 +219,9 @@ def num_classes_of(info: dict | None, given: int | None) -> int | None:
     return len(info["class_names"]) if info.get("class_names") else None
 
 
-# ---------------------------------------------------------------- reading samples
-
-
 @dataclass(frozen=True)
 class Segment:
-    """Samples [start, stop) of one shard, counted in tar order; sample i of the shard is at
-    position ``base + i`` of the sequence of samples being read (an epoch's, for training)."""
+    """Samples [start, stop) of one shard in tar order; its sample i is position ``base + i`` of the sequence read."""
 
     url: str
     start: int
@@ -262,9 +234,8 @@ class LabelError(ValueError):
 
     @property
     def reason(self) -> str:
-        """The message as raised. Raised in a DataLoader worker, torch re-raises it in the trainer
-        as a LabelError built from the worker's whole formatted traceback: the original message
-        is then only there as the text after the traceback's last 'LabelError: '."""
+        """The message as raised, also after torch re-raised it from a DataLoader worker with the
+        worker's traceback in front (the text after its last 'LabelError: ')."""
         return str(self).strip().splitlines()[-1].split("LabelError: ")[-1]
 
 
@@ -295,11 +266,7 @@ def _handler(stage: str, url: str) -> Callable[[Exception], bool]:
 
 
 def _check_sample(sample: dict, num_classes: int | None, url: str) -> tuple[str, bytes, int] | str:
-    """(key, image bytes, class index), or why the sample is unusable.
-
-    A label outside 0..num_classes-1 raises LabelError: skipping it would quietly train or
-    validate on part of the data (e.g. half of it with num_classes set too small).
-    """
+    """(key, image bytes, class index), or why the sample is unusable; a label out of range raises LabelError."""
     key = sample.get("__key__", "?")
     image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if image is None:

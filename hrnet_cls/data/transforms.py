@@ -1,30 +1,6 @@
-"""Decode one encoded image into a uint8 crop, and normalise it into a batch slot.
-
-Train: RandomResizedCrop (area fraction in ``scale``, aspect ratio w/h log-uniform in
-``ratio``) + horizontal flip, following torchvision's definitions (the recipe in
-docs/design.md section 3). Eval: timm's ``create_transform(is_training=False)``, pixel for
-pixel: the whole image decoded, the shorter side resized to ``floor(img_size / crop_pct)``
-by PIL with timm's filter, the centre crop, then ToTensor + Normalize's float arithmetic
-(tests/test_transforms.py compares against timm's transform itself).
-
-Train-time speed, per image (decode dominates):
-- JPEGs in YCbCr, grayscale or RGB are decoded by libjpeg-turbo through simplejpeg with
-  PIL's settings (ISLOW IDCT, fancy upsampling, the scale PIL's draft would pick): the same
-  pixels as PIL, about 1.2x the training pipeline's speed (tests/test_decode.py pins the
-  equality; BENCHMARKS.md, input pipeline). Any other image (CMYK, MPO, PNG, ..., a JPEG
-  above PIL's decompression-bomb limit), and any JPEG simplejpeg refuses or warns about,
-  goes through PIL exactly as before; so does everything when simplejpeg is not installed.
-  Evaluation decodes the whole image (no draft scale) the same way, simplejpeg where it gives
-  PIL's pixels exactly, and resizes with PIL: timm's pixels.
-- the crop box is chosen from the header size before decoding, then a JPEG is decoded at
-  1/2, 1/4 or 1/8 scale (``Image.draft``) when the box still covers at least ``size``
-  pixels per side at that scale: a smaller decode never drops below the output resolution;
-- crop + resize run on a uint8 tensor with ``torch.nn.functional.interpolate``
-  (antialiased), several times faster than PIL's resize for these sizes;
-- normalisation writes straight into the float batch, one image at a time (cache-sized).
-The randomness comes from a ``random.Random`` the caller seeds per sample, so the crop of
-a sample does not depend on worker count or timing.
-"""
+"""Decode one encoded image into a uint8 crop, and normalise it into a batch slot. Train: RandomResizedCrop + flip,
+the box chosen from the header, a draft-scale decode, a torch resize; eval: timm's eval transform pixel for pixel.
+Which decoder runs: docs/design.md §5.5, §4.10; speed: BENCHMARKS.md (input pipeline)."""
 from __future__ import annotations
 
 import contextlib
@@ -51,16 +27,13 @@ __all__ = ["DecodeError", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Norm
 INTERPOLATIONS = ("bilinear", "bicubic")
 _PIL_FILTERS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}  # timm's str_to_interp_mode, for PIL
 _DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg performs while decoding
-# JPEG colour spaces simplejpeg turns into PIL's RGB pixels; CMYK / YCCK go through PIL's own conversion
 _TURBO_COLORSPACES = frozenset({"YCbCr", "Gray", "RGB"})
-# what PIL raises for bytes it cannot read: UnidentifiedImageError and truncation are OSErrors; a broken
-# PNG chunk is a SyntaxError; a bad tile or mode a ValueError; an oversized image DecompressionBombError
+# PIL on unreadable bytes: OSError (unidentified, truncated), SyntaxError (PNG chunk), ValueError (tile, mode)
 _BAD_BYTES = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 class DecodeError(Exception):
-    """The bytes are not an image PIL can decode (the only failure the loaders replace or skip:
-    an error of our own crop, resize or normalise code propagates as the bug it is)."""
+    """Bytes PIL cannot decode: the only failure the loaders replace or skip (our own code's errors propagate)."""
 
 
 @contextlib.contextmanager
@@ -81,11 +54,7 @@ def sample_rng(*parts: object) -> random.Random:
 def random_resized_crop_box(width: int, height: int, rng: random.Random,
                             scale: tuple[float, float] = (0.08, 1.0),
                             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """(left, top, w, h) of a RandomResizedCrop box in a width x height image.
-
-    Ten tries at a box of random area and aspect ratio that fits; otherwise the largest
-    central box whose aspect ratio is clamped into ``ratio``.
-    """
+    """(left, top, w, h) of a RandomResizedCrop box: ten random tries, then the central box, ratio clamped."""
     area = width * height
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
@@ -105,16 +74,12 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random,
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-# PIL modes of integer grayscale wider than 8 bits: a 16-bit grayscale PNG opens as "I;16" (older
-# Pillow: "I"); TIFF and raw sources give "I;16B"/"I;16L"/"I;16N". convert("RGB"/"L") clips these
-# values at 255, so nearly every pixel turns white. 16-bit RGB(A) and gray+alpha PNGs are not
-# among them: PIL already decodes those to "RGB"/"RGBA", keeping each sample's high byte.
+# integer grayscale wider than 8 bits, which convert("RGB") clips at 255 (shards/README.md, 16-bit images)
 WIDE_GRAY_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 
 
 def wide_gray_to_uint8(img: Image.Image) -> np.ndarray:
-    """(H, W) uint8 of a loaded WIDE_GRAY_MODES image: value >> 8 (65535 -> 255, 32768 -> 128;
-    "I" is read as 16-bit, clipped into 0..65535 first)."""
+    """(H, W) uint8 of a loaded WIDE_GRAY_MODES image: value >> 8 ("I" clipped into 0..65535 first)."""
     values = np.asarray(img)
     if img.mode == "I":
         values = np.clip(values, 0, 65535)
@@ -122,9 +87,8 @@ def wide_gray_to_uint8(img: Image.Image) -> np.ndarray:
 
 
 def draft_request(width: int, height: int, keep: float) -> tuple[int, int] | None:
-    """The size _decode asks ``Image.draft`` for (None: no draft) when the region of interest
-    is ``keep`` times larger per side than needed: ceil(side / wanted), ``wanted`` the largest
-    of (8, 4, 2) <= keep."""
+    """The size _decode asks ``Image.draft`` for (None: no draft) when the region of interest is ``keep``
+    times larger per side than needed: ceil(side / wanted), ``wanted`` the largest of (8, 4, 2) <= keep."""
     if keep < 2:
         return None
     wanted = next(s for s in _DRAFT_SCALES if s <= keep)
@@ -132,10 +96,8 @@ def draft_request(width: int, height: int, keep: float) -> tuple[int, int] | Non
 
 
 def draft_factor(width: int, height: int, keep: float) -> int:
-    """The reduction PIL's draft applies to a width x height JPEG for draft_request's size:
-    the largest s in (8, 4, 2, 1) with s <= min(width // w, height // h) of the request. A
-    side not divisible by ``wanted`` rounds the request up, so the factor is one step below
-    ``wanted`` then (1000x750 at wanted 4: 750 // 188 = 3, factor 2)."""
+    """The reduction PIL's draft applies for draft_request's size; a request rounded up can leave it a step
+    below ``wanted`` (1000x750 at wanted 4: 750 // 188 = 3, factor 2)."""
     request = draft_request(width, height, keep)
     if request is None:
         return 1
@@ -144,8 +106,7 @@ def draft_factor(width: int, height: int, keep: float) -> int:
 
 
 def draft(img: Image.Image, keep: float) -> int:
-    """Set up a not yet loaded JPEG ``img`` to decode at reduced scale as draft_request says;
-    returns the factor (1 for other formats, or when no reduction applies)."""
+    """Set a not yet loaded JPEG to decode at draft_request's scale; returns the factor (1: none)."""
     request = draft_request(img.width, img.height, keep) if img.format == "JPEG" else None
     if request is None:
         return 1
@@ -157,12 +118,7 @@ def draft(img: Image.Image, keep: float) -> int:
 
 
 def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
-    """(pixels as a read-only (H, W, 3) uint8 array, reduction factor applied while decoding).
-
-    ``keep`` = how many times larger than needed the region of interest is per side: a
-    JPEG is decoded at 1/s scale for the largest s in (8, 4, 2) with s <= keep. 16-bit
-    grayscale is reduced to 8 bits (value >> 8) instead of being clipped at 255.
-    """
+    """(read-only (H, W, 3) uint8 pixels, reduction factor); ``keep`` as in draft_request."""
     factor = draft(img, keep)
     img.load()
     if img.mode in WIDE_GRAY_MODES:
@@ -176,8 +132,7 @@ def _decode(img: Image.Image, keep: float) -> tuple[np.ndarray, int]:
 
 def _resize(region: np.ndarray, size: tuple[int, int], interpolation: str) -> torch.Tensor:
     """(h, w, 3) uint8 region -> (3, *size) uint8 tensor, antialiased when shrinking."""
-    # np.array copies the region into a writable (h, w, 3) block: as (1, 3, h, w) that is
-    # channels-last contiguous, the layout of interpolate's fast uint8 path.
+    # a writable copy: as (1, 3, h, w) it is channels-last contiguous, interpolate's fast uint8 path
     pixels = torch.from_numpy(np.array(region)).permute(2, 0, 1).unsqueeze(0)
     if tuple(pixels.shape[2:]) == size:
         return pixels[0]
@@ -185,10 +140,8 @@ def _resize(region: np.ndarray, size: tuple[int, int], interpolation: str) -> to
 
 
 def turbo_header(data: bytes) -> tuple[int, int] | None:
-    """(width, height) of a JPEG that simplejpeg decodes to PIL's pixels; None for anything
-    PIL should decode: not a JPEG, CMYK / YCCK, a header simplejpeg refuses, an MPO (PIL
-    never drafts those: its format is "MPO"), or a size PIL's decompression-bomb check
-    would warn or stop at."""
+    """(width, height) of a JPEG simplejpeg decodes to PIL's pixels; None where PIL should decode (not a
+    JPEG, CMYK / YCCK, MPO, a refused header, a size past PIL's decompression-bomb limit)."""
     if simplejpeg is None or data[:3] != b"\xff\xd8\xff" or b"MPF\x00" in data:
         return None
     try:
@@ -201,9 +154,7 @@ def turbo_header(data: bytes) -> tuple[int, int] | None:
 
 
 def turbo_decode(data: bytes, width: int, height: int, factor: int) -> np.ndarray:
-    """(ceil(height / factor), ceil(width / factor), 3) uint8: libjpeg-turbo at scale 1/factor
-    with PIL's settings (ISLOW IDCT, fancy upsampling); raises ValueError where libjpeg warns
-    (strict: a truncated or corrupt file), so that PIL decides about such files."""
+    """(ceil(height / factor), ceil(width / factor), 3) uint8 at PIL's settings; ValueError where libjpeg warns."""
     if factor == 1:
         return simplejpeg.decode_jpeg(data, "RGB")
     # the smallest libjpeg-turbo scale (num/8) keeping ceil(side / factor) pixels is 1/factor
@@ -212,8 +163,7 @@ def turbo_decode(data: bytes, width: int, height: int, factor: int) -> np.ndarra
 
 def crop_resize(pixels: np.ndarray, factor: int, box: tuple[int, int, int, int], flip: bool, size: int,
                 interpolation: str) -> torch.Tensor:
-    """The (left, top, w, h) box of the original image, from pixels decoded at 1/factor scale,
-    resized to (3, size, size) uint8 and flipped if asked."""
+    """The original's (left, top, w, h) box from pixels decoded at 1/factor, as (3, size, size) uint8."""
     left, top, w, h = box
     # decoded pixel i covers original pixels [i * f, (i + 1) * f)
     x0, y0 = left // factor, top // factor
@@ -225,11 +175,7 @@ def crop_resize(pixels: np.ndarray, factor: int, box: tuple[int, int, int, int],
 def train_crop(data: bytes, size: int, rng: random.Random, *, scale: tuple[float, float] = (0.08, 1.0),
                ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
                interpolation: str = "bilinear") -> torch.Tensor:
-    """RandomResizedCrop + horizontal flip of encoded image bytes -> (3, size, size) uint8.
-
-    The same pixels whichever decoder runs: simplejpeg for the JPEGs turbo_header accepts,
-    PIL (train_crop_pil) for everything else and for a JPEG simplejpeg fails on.
-    """
+    """RandomResizedCrop + flip of image bytes -> (3, size, size) uint8, the same pixels from simplejpeg or PIL."""
     header = turbo_header(data)
     if header is not None:
         state = rng.getstate()
@@ -259,8 +205,7 @@ def train_crop_pil(data: bytes, size: int, rng: random.Random, *, scale: tuple[f
 
 
 def eval_resize(img_size: int, crop_pct: float) -> int:
-    """The shorter side before the centre crop, as timm computes it (floor, not round:
-    224 at crop_pct 0.95 is 235, the size timm's published numbers were measured at)."""
+    """The shorter side before the centre crop, floored as timm does (224 at crop_pct 0.95: 235)."""
     return math.floor(img_size / crop_pct)
 
 
@@ -276,17 +221,12 @@ def _turbo_full(data: bytes) -> np.ndarray | None:
 
 
 def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bilinear") -> torch.Tensor:
-    """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8.
-
-    What torchvision's Resize(resize) + CenterCrop(size) do to the PIL image timm decodes:
-    the full decode (a draft-scale JPEG decode would give other pixels) and PIL's resize
-    (torch's antialiased uint8 interpolate differs from it by up to 2 levels in ~0.6% of
-    pixels, measured).
-    """
+    """Resize the shorter side to ``resize``, centre-crop ``size`` -> (3, size, size) uint8, as timm: full
+    decode, PIL's resize (torch's uint8 interpolate differs by up to 2 levels in ~0.6% of pixels)."""
     pixels = _turbo_full(data)
     if pixels is None:
         with _decoding():
-            pixels, _ = _decode(Image.open(io.BytesIO(data)), keep=1.0)  # full scale
+            pixels, _ = _decode(Image.open(io.BytesIO(data)), keep=1.0)
     height, width = pixels.shape[:2]
     # output size as torchvision's Resize(int): shorter side = resize, longer side truncated
     if width <= height:
@@ -300,8 +240,7 @@ def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bili
 
 
 class Normalizer:
-    """Writes (uint8 / 255 - mean) / std into a float32 batch slot, one image at a time, with
-    the float operations of torchvision's ToTensor + Normalize in their order (bit-identical)."""
+    """Writes (uint8 / 255 - mean) / std into a float32 batch slot with ToTensor + Normalize's float ops."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)

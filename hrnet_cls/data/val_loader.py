@@ -1,4 +1,4 @@
-"""The evaluation loader: every readable sample exactly once over all ranks and workers."""
+"""The evaluation loader: every readable sample exactly once over all ranks and workers (docs/design.md §5.5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -122,12 +122,8 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
                      mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                      interpolation: str = "bilinear", num_classes: int | None = None,
                      pin_memory: bool = False) -> ValLoader:
-    """Evaluation batches: shorter side to eval_resize(img_size, crop_pct), centre crop img_size.
-
-    Every readable sample is yielded exactly once over all ranks and workers; a batch may be
-    short (the last of a worker), and a worker whose every sample was bad yields one empty
-    batch carrying its skip count.
-    """
+    """Evaluation batches (shorter side to eval_resize(img_size, crop_pct), centre crop img_size); a worker's
+    last batch may be short, and a worker whose every sample was bad yields one empty batch with its skips."""
     check_common(batch_size, img_size, rank, world_size, workers, interpolation)
     if not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]")

@@ -13,9 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from hrnet_cls.data.transforms import INTERPOLATIONS
 from hrnet_cls.train.preemption import STOP_SIGNALS
 
-# Workers are forked on Linux even where the process itself was spawned (mp.spawn sets
-# "spawn" as the default): a spawned worker re-imports torch and timm, 5-20 s per worker
-# per epoch. The workers touch no CUDA state.
+# fork on Linux even under mp.spawn: a spawned worker re-imports torch and timm, 5-20 s each (no CUDA in workers)
 _WORKER_START = "fork" if sys.platform.startswith("linux") else None
 _OURS: set = set()  # the worker processes our loaders started: the only ones the exit hook kills
 
@@ -26,18 +24,14 @@ def usable_cores() -> int:
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """A worker leaves preemption to its trainer: Ctrl+C or a signal to the process group
-    must not kill it mid-epoch while the trainer still needs a batch to reach a step boundary.
-    The trainer shuts its workers down when it stops; if it dies, they notice and exit."""
+    """Leave stop signals to the trainer: it may need a batch to reach a step boundary, then stops its workers."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
 @atexit.register  # registered after multiprocessing's own exit hook, so it runs before it
 def _kill_leftover_workers() -> None:
-    """At exit multiprocessing stops daemonic children with SIGTERM, which our workers ignore:
-    a loader left unfinished (an exception, a stop mid-epoch) would hang the exit. Kill those
-    of ours still alive; other libraries' children are theirs to stop."""
+    """Kill our workers still alive at exit: they ignore multiprocessing's SIGTERM, so they would hang it."""
     children = [child for child in multiprocessing.active_children() if child in _OURS]
     if children:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report these kills as failures
@@ -46,8 +40,7 @@ def _kill_leftover_workers() -> None:
 
 
 def iterate(dataset: IterableDataset, workers: int, pin_memory: bool) -> Iterator:
-    """An iterator over the dataset itself (workers=0) or over a DataLoader whose items are
-    whole batches; the worker processes it starts are remembered for the exit hook."""
+    """The dataset itself (workers=0) or a DataLoader of its whole batches, its workers kept for the exit hook."""
     if workers == 0:
         return iter(dataset)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
@@ -60,9 +53,7 @@ def iterate(dataset: IterableDataset, workers: int, pin_memory: bool) -> Iterato
 
 
 def stop_workers(batches: Iterator) -> None:
-    """Shut a DataLoader iterator's workers down now. Left to garbage collection, an iterator
-    that an exception's traceback still references keeps its workers alive, and they ignore
-    the stop signals. The DataLoader has no public close(): this is what its own __del__ runs."""
+    """Shut a DataLoader iterator's workers down now (a traceback may hold it): what its __del__ would run."""
     shutdown = getattr(batches, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()

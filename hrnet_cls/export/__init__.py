@@ -1,9 +1,4 @@
-"""The release of a trained model: a timm model folder (``folder``) and its model card (``card``).
-
-    python -m hrnet_cls.export CHECKPOINT OUT_DIR [--use-ema] [--onnx]
-
-What the folder holds and how each file loads: docs/design.md §6.5.
-"""
+"""``python -m hrnet_cls.export``: a trained model as a timm model folder with a model card (docs/design.md §6.5)."""
 from hrnet_cls.export.folder import OPSET, ExportError, export, main
 
 __all__ = ["ExportError", "OPSET", "export", "main"]

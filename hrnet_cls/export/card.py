@@ -1,12 +1,6 @@
-"""The model card (README.md) of an exported folder: Hugging Face YAML metadata and how to use it.
+"""The model card (README.md) of an exported folder: Hugging Face metadata, results, loading, preprocessing, recipe.
 
-The metadata block is what the Hub (and ``huggingface_hub.ModelCard``) reads: ``library_name: timm``,
-license, tags, the dataset named by the training shards' _info.json, and a ``model-index`` with the
-checkpoint's own validation top-1/top-5 at its evaluation geometry. The text says what the model
-is, how to load it with plain timm or with hrnet-cls (which one it needs), the preprocessing, the
-training recipe read from the checkpoint's config, where the label names come from, and the
-file it was exported from.
-"""
+What it holds and why: README "Export", docs/design.md §6.5."""
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -65,8 +59,7 @@ def _recipe(train_config: Mapping[str, Any]) -> list[str]:
 
 
 def render(config: Mapping[str, Any], train_config: Mapping[str, Any], labels_note: str, folder_name: str) -> str:
-    """README.md for an export whose config.json is ``config`` (with its ``export`` record);
-    ``train_config``: the checkpoint's recipe ({} for a plain weights file)."""
+    """README.md for an export's config.json ``config``; ``train_config``: the recipe ({} for a plain weights file)."""
     export, cfg = config["export"], config["pretrained_cfg"]
     dataset = dataset_name(str((train_config.get("data") or {}).get("train_shards") or ""))
     metrics = export.get("metrics") or {}

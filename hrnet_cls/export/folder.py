@@ -1,48 +1,8 @@
 """Export a training checkpoint as a timm model folder (and optionally ONNX) to share and deploy.
 
-    python -m hrnet_cls.export runs/demo_digits/best.pth exports/digits_tiny [--use-ema] [--onnx]
-    python -m hrnet_cls.export hrnetv2_w18_imagenet_pretrained.pth exports/w18 --model hrnet_w18_c
-
-OUT_DIR receives:
-
-- ``model.safetensors``: the model's state dict (the EMA weights with --use-ema), nothing else;
-- ``config.json``: timm's format (``timm.models.save_for_hf``: ``architecture``, ``num_classes``,
-  ``num_features``, ``global_pool``, ``model_args``, ``pretrained_cfg``, ``label_names``) with the
-  preprocessing the model was trained and validated with (hrnet_cls.models.description): the checkpoint's
-  ``data.img_size`` and ``data.crop_pct``, bilinear, ImageNet mean/std, and the class names of the
-  training shards' _info.json when it can be read; plus ``export``, where the weights came from and
-  what loading needs (informational; timm ignores it). ``architecture`` is timm's own name for the
-  variants that are timm's models in eval (hrnet_c.TIMM_TWINS: ``hrnet_w18_c`` -> ``hrnet_w18``), so
-  those folders load in plain timm;
-- ``README.md``: the model card (hrnet_cls.export.card): Hugging Face metadata, results, recipe, loading;
-- with --onnx, ``model.onnx``: the torch.export-based exporter (``dynamo=True``) via timm's
-  ``onnx_export``, opset 20 (``OPSET``), input ``input`` (batch, 3, img_size, img_size) float32
-  normalised, output ``logits`` (batch, num_classes); the batch is dynamic, the image side is
-  fixed to img_size. The exported graph is checked by onnx's full checker and run with
-  onnxruntime at batch 1 and 3 against PyTorch.
-
-The folder loads with ``timm.create_model('local-dir:OUT_DIR', pretrained=True)`` (after ``import
-hrnet_cls`` unless it names timm's architecture; without pretrained=True timm builds the
-architecture only), validates with
-``validate.py --model local-dir:OUT_DIR``, and ``model.safetensors`` is an ordinary timm state
-dict (``timm.models.load_checkpoint``, ``pretrained_cfg_overlay=dict(file=...)``).
-
-CHECKPOINT is one of our training checkpoints (hrnet_cls.train.state). Any other weights file that
-hrnet_cls.models.weights reads (a plain or wrapped state dict, timm's, the authors', .safetensors)
-needs ``--model NAME``; num_classes then comes from the classifier's shape, the preprocessing
-from NAME's pretrained_cfg (e.g. ``hrnet_w18_small_c.gluon_in1k`` is bicubic), and there are no
-label names.
-
-HRNet-C keeps activations NHWC by default (``channels_last=True``). The exported config does not
-record a layout, so ``local-dir:`` of an HRNet-C architecture builds the default, the same as
-validate.py and train.py's default: logits are bit-identical to the model built from the
-checkpoint. A folder under timm's name builds timm's NCHW model: bit-identical to our
-``channels_last=False`` build, within 1e-5 of the logit scale of the NHWC one. The ONNX graph is
-traced from the same weights with ``channels_last=False`` (plain NCHW, no layout conversions).
-
-Exit status: 0 = exported; 2 = a usage or input problem (one line on stderr, nothing written);
-1 = the export itself failed (one line on stderr; OUT_DIR is left as it was).
-"""
+The folder and how it loads: README "Export", docs/design.md §6.5. A plain weights file needs --model NAME: its
+classes then come from the classifier's shape, its preprocessing from NAME's pretrained_cfg, and it has no label
+names. Exit status: 0 exported; 2 a usage or input problem (nothing written); 1 the export failed (OUT_DIR kept)."""
 from __future__ import annotations
 
 import argparse
@@ -87,14 +47,11 @@ class ExportError(ValueError):
 class Source:
     """What to export, read from CHECKPOINT."""
 
-    desc: ModelDescription  # architecture, classes, preprocessing, where the label names are
+    desc: ModelDescription
     weights: dict[str, torch.Tensor]
     is_checkpoint: bool  # one of our training checkpoints (else a weights file with --model)
     info: dict[str, Any]  # provenance: config.json's "export"
-    train_config: dict[str, Any]  # the checkpoint's recipe ({} for a plain weights file): the model card's
-
-
-# ---------------------------------------------------------------- reading the input
+    train_config: dict[str, Any]  # the checkpoint's recipe, for the card ({} for a plain weights file)
 
 
 def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
@@ -112,7 +69,7 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     except Exception as exc:  # noqa: BLE001 - truncated zip, garbage, a pickle that is not data
         raise ExportError(f"{path}: cannot read it ({one_line(exc)})") from None
     checkpoint = is_checkpoint(obj)
-    if not checkpoint and not model:  # a weights file: the architecture is --model's
+    if not checkpoint and not model:
         why = "a plain state dict" if is_state_dict(obj) else "no 'config', no 'model_name'"
         raise ExportError(f"{path}: {why}, not a training checkpoint; to export a plain weights file, give "
                           "--model NAME (its architecture)")
@@ -130,14 +87,8 @@ def read_source(path: str, model: str = "", use_ema: bool = False) -> Source:
     return Source(desc, weights, checkpoint, info, dict(obj.get("config") or {}) if checkpoint else {})
 
 
-# ---------------------------------------------------------------- building and writing
-
-
 def build_model(source: Source, channels_last: bool | None = None) -> nn.Module:
-    """The architecture with the exported weights loaded strictly, on the CPU, in eval mode.
-
-    channels_last: HRNet-C's activation layout (None = its default); other timm models have none.
-    """
+    """The architecture with the exported weights loaded strictly, on the CPU, in eval mode."""
     # our weights, not the registry tag's: filter_pretrained_cfg drops the None
     overlay = {"pretrained_cfg_overlay": {"tag": None}} if source.is_checkpoint else {}
     return create_model(source.desc, source.weights, channels_last=channels_last, **overlay).eval()
@@ -145,19 +96,12 @@ def build_model(source: Source, channels_last: bool | None = None) -> nn.Module:
 
 def write_folder(model: nn.Module, folder: Path, source: Source, names: list[str] | None,
                  names_note: str = "", folder_name: str = "") -> dict[str, Any]:
-    """model.safetensors + config.json (timm's save_for_hf) and README.md (the model card) in folder;
-    returns the config written.
-
-    A variant that is, in eval, one of timm's own models (hrnet_c.TIMM_TWINS) is recorded under
-    timm's name, so the folder loads in plain timm; the others need hrnet-cls, and say so
-    (config.json's ``export.loads_with``, the card). safetensors takes contiguous tensors only:
-    HRNet-C's NHWC conv weights are stored NCHW for the save and put back after it.
-    """
+    """model.safetensors, config.json (save_for_hf; TIMM_TWINS as timm's name), README.md; returns the config."""
     twin = TIMM_TWINS.get(model.pretrained_cfg.get("architecture", ""))
     loads_with = card.PLAIN_TIMM if twin else "timm, after import hrnet_cls (pip install hrnet-cls)"
     model_config: dict[str, Any] = {"export": {**source.info, "loads_with": loads_with},
                                     **({"label_names": names} if names else {})}
-    model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)  # safetensors takes contiguous tensors only
     try:
         save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True,
                     data_config=source.desc.data_config() if source.is_checkpoint else None)
@@ -225,9 +169,6 @@ def _publish(staging: Path, out_dir: Path) -> None:
             stale.unlink()
     for name in sorted(written):
         publish(staging / name, out_dir / name)
-
-
-# ---------------------------------------------------------------- command line
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

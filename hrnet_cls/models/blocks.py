@@ -1,8 +1,6 @@
-"""The building blocks of HRNet-C: residual units, HR modules with their fuse, transitions.
+"""HRNet-C's blocks: residual units, HR modules with their fuse, transitions (docs/design.md §1.2-1.4, §1.7).
 
-Module and attribute names follow the authors' classification code and timm's ``hrnet.py``,
-so state-dict keys match theirs (docs/design.md section 1).
-"""
+Names follow the authors' code and timm's ``hrnet.py``, so state-dict keys match theirs."""
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, List, Optional
 
@@ -20,12 +18,9 @@ __all__ = ['BLOCKS', 'BasicBlock', 'Bottleneck', 'CheckpointSeq', 'Checkpointabl
 BN_MOMENTUM = 0.1
 
 
-# Exact activation checkpointing with BatchNorm: checkpoint() runs a segment's forward twice, and
-# each BN would fold its batch statistics into the running ones twice. The recompute runs with
-# momentum 0 (running stats unchanged) and num_batches_tracked restored, so buffers match an
-# unchecked step.
 @contextmanager
 def _frozen_running_stats(module: nn.Module) -> Iterator[None]:
+    """BN momentum 0 and num_batches_tracked restored: a checkpoint recompute leaves the buffers alone (§1.7)."""
     norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
              for m in norms]
@@ -56,9 +51,8 @@ def conv_bn(in_chs: int, out_chs: int, kernel: int, stride: int = 1, bias: bool 
 
 @register_notrace_module
 class DropPath(_DropPath):
-    """timm's DropPath, kept whole (a leaf) by timm's FX tracer and feature extraction: it then reads
-    ``self.training`` when run rather than when traced, and torchvision's dead-code pass cannot drop the
-    in-place 1/keep_prob rescale inside timm's drop_path (whose result is unused), which it otherwise does."""
+    """timm's DropPath as an FX leaf: it reads ``self.training`` when run, not when traced, and torchvision's
+    dead-code pass cannot drop the in-place 1/keep_prob rescale inside timm's drop_path (docs/design.md §1.7)."""
 
 
 class BasicBlock(nn.Module):
@@ -109,7 +103,6 @@ class Bottleneck(nn.Module):
 
 
 def _projection(in_chs: int, out_chs: int) -> nn.Module:
-    """1x1 conv + BN shortcut where the width changes, identity elsewhere."""
     if in_chs == out_chs:
         return nn.Identity()
     return conv_bn(in_chs, out_chs, 1, act=False)
@@ -127,13 +120,11 @@ def units(block: type, in_chs: int, width: int, n: int, drop_path: List[float]) 
 @register_notrace_function  # an FX leaf (it branches on shapes) for timm's tracer and feature extraction...
 @torch.fx.wrap  # ...and for plain torch.fx.symbolic_trace; torch.export and torch.compile trace through it
 def _upsample_add(y: torch.Tensor, low: torch.Tensor, scale: int) -> torch.Tensor:
-    """y + nearest_upsample(low, scale) without materialising the upsampled tensor.
-
-    Called as one opaque node by FX graphs, so a traced model keeps both branches (odd sizes work)."""
+    """y + nearest_upsample(low, scale) without materialising the upsampled tensor (docs/design.md §1.7)."""
     b, c, h, w = y.shape
     lh, lw = low.shape[-2:]
     if lh * scale != h or lw * scale != w:
-        # input side not a multiple of 32: nearest interpolation to y's exact size
+        # input side not a multiple of 32: the sizes do not divide
         return y + F.interpolate(low, size=(h, w), mode='nearest')
     # (B, C, lh, s, lw, s) + (B, C, lh, 1, lw, 1) broadcast
     y6 = y.reshape(b, c, lh, scale, lw, scale) + low.reshape(b, c, lh, 1, lw, 1)
@@ -158,7 +149,6 @@ class HRModule(nn.Module):
             return nn.Identity()
         if j > i:  # lower resolution: 1x1 conv + BN here, upsampling happens in the sum
             return conv_bn(chs[j], chs[i], 1, act=False)
-        # higher resolution: (i - j) stride-2 3x3 convs, ReLU between them, not after the last
         convs = [conv_bn(chs[j], chs[j], 3, 2) for _ in range(i - j - 1)]
         convs.append(conv_bn(chs[j], chs[i], 3, 2, act=False))
         return nn.Sequential(*convs)
@@ -189,9 +179,8 @@ class HRModule(nn.Module):
 
 
 class Checkpointable(nn.Sequential):
-    """A Sequential whose children are recomputed in backward when grad_checkpointing is on.
-
-    Two subclasses only because TorchScript needs the forward's input type spelled out."""
+    """A Sequential whose children are recomputed in backward when grad_checkpointing is on; two subclasses
+    only because TorchScript needs the forward's input type spelled out."""
 
     def __init__(self, *modules: nn.Module):
         super().__init__(*modules)

@@ -1,11 +1,5 @@
-"""One description of a model to build: architecture, classes, labels, preprocessing, precision.
-
-Training, validation and export read it from what they have: a training recipe or the config a
-checkpoint stores (``from_config``, ``from_checkpoint``: the training pipeline's preprocessing
-and labels), or a timm name / ``local-dir:FOLDER`` (``from_name``: timm's pretrained_cfg, the
-folder's config.json). ``create_model`` builds the model a card describes and loads weights
-into it: strictly, or as a fine-tuning start (``init_from``).
-"""
+"""ModelDescription: what a set of weights is (architecture, classes, labels, preprocessing), read from a recipe, a
+checkpoint's config or a timm name / ``local-dir:FOLDER``; ``create_model`` builds it (docs/design.md §6.5)."""
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +28,7 @@ def is_local_dir(name: str) -> bool:
 
 
 def classes_in(weights: Mapping[str, torch.Tensor], classifier: str | Sequence[str] | None) -> int:
-    """Rows of the classifier weight in a state dict (0 when not found); ``classifier``: the
-    module name(s), as a pretrained_cfg's ``classifier`` gives them."""
+    """Rows of the classifier weight in a state dict (0 when not found); classifier: pretrained_cfg's module name(s)."""
     for head in (classifier,) if isinstance(classifier, str) else tuple(classifier or ()):
         weight = weights.get(f"{head}.weight")
         if weight is not None and weight.ndim >= 1:
@@ -49,8 +42,8 @@ def is_checkpoint(obj: Any) -> bool:
 
 
 def pretrained_cfg(name: str) -> PretrainedCfg:
-    """timm's pretrained_cfg for a name (its default tag; the generic one for a name without
-    any), or the one in a ``local-dir:FOLDER``'s config.json. The architecture must be registered."""
+    """timm's pretrained_cfg for a name (its default tag, else a generic one) or a ``local-dir:FOLDER``'s config.json;
+    the architecture must be registered."""
     if not is_local_dir(name):
         check_model_name(name)
         return get_pretrained_cfg(name) or PretrainedCfg()
@@ -68,7 +61,7 @@ class ModelDescription:
     """What a set of weights is: the model to build and the preprocessing it expects."""
 
     model: str  # timm name (pretrained tag optional) or local-dir:FOLDER
-    num_classes: int  # classifier outputs
+    num_classes: int
     img_size: int  # evaluation crop side, pixels
     crop_pct: float  # the shorter side is resized to img_size / crop_pct, then centre-cropped
     interpolation: str = "bilinear"
@@ -82,11 +75,8 @@ class ModelDescription:
     @classmethod
     def from_config(cls, cfg: Config | Mapping[str, Any], model_name: str = "",
                     weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
-        """A training recipe: ``Config`` or its dict (config_to_dict, as a checkpoint stores it).
-
-        model_name: a checkpoint's ``model_name``, which wins over the config's model.name.
-        weights: where num_classes comes from when the dict has none (the classifier's rows).
-        """
+        """A training recipe: ``Config`` or its dict, as a checkpoint stores it. model_name wins over the config's
+        model.name; weights give num_classes when the config has none."""
         config = config_to_dict(cfg) if isinstance(cfg, Config) else cfg
         model, data = config.get("model") or {}, config.get("data") or {}
         name = model_name or model.get("name")
@@ -101,14 +91,12 @@ class ModelDescription:
 
     @classmethod
     def from_checkpoint(cls, ckpt: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
-        """One of our training checkpoints, read (``weights``: its tensors, for num_classes when
-        the config has none)."""
+        """One of our training checkpoints, read; ``weights``: its tensors, as in from_config."""
         return cls.from_config(ckpt.get("config") or {}, ckpt.get("model_name") or "", weights)
 
     @classmethod
     def from_name(cls, name: str, weights: Mapping[str, torch.Tensor] | None = None) -> ModelDescription:
-        """A timm name or ``local-dir:FOLDER``, with timm's preprocessing for it; num_classes from
-        the classifier in ``weights`` (a weights file for this architecture) when given."""
+        """A timm name or ``local-dir:FOLDER`` with timm's preprocessing; num_classes from ``weights`` when given."""
         cfg = pretrained_cfg(name)
         classes = (weights is not None and classes_in(weights, cfg.classifier)) or cfg.num_classes
         names = tuple(cfg.label_names or ()) if len(cfg.label_names or ()) == classes else ()
@@ -141,15 +129,10 @@ class ModelDescription:
 def create_model(card: ModelDescription, weights: Mapping[str, torch.Tensor] | None = None, *, init_from: str = "",
                  use_ema: bool = False, channels_last: bool | None = None, pretrained: bool = False,
                  **kwargs: Any) -> nn.Module:
-    """The timm model ``card`` describes (its num_classes), on the CPU, as timm returns it (train mode).
+    """The timm model ``card`` describes, on the CPU, in train mode as timm returns it.
 
-    weights: loaded strictly (hrnet_cls.models.weights.load_strict: every tensor must fit).
-    init_from: a file to fine-tune from (hrnet_cls.models.weights.init_from, its EMA weights with
-    use_ema): every weight but a classifier of another shape, which keeps its fresh init.
-    pretrained: timm's own weights for the name (a local-dir: folder's own).
-    channels_last: HRNet-C's activation layout (None = its default, NHWC); other timm models
-    have no such argument and follow their input. kwargs go to timm.create_model.
-    """
+    weights: loaded strictly; init_from: a file to fine-tune from (weights.init_from, EMA with use_ema);
+    pretrained: timm's weights for the name. channels_last: HRNet-C only (None = its default, NHWC)."""
     if channels_last is not None and card.model.split(".")[0] in MODEL_CFGS:
         kwargs["channels_last"] = channels_last
     model = timm.create_model(card.model, pretrained=pretrained, num_classes=card.num_classes, **kwargs)

@@ -1,16 +1,6 @@
-"""What HRNet-C exposes as features: the two feature locations, and the HRNetV2 representation.
+"""What HRNet-C exposes as features: the two ``feature_location`` values (as timm's ``hrnet_wXX``) and HRNetV2.
 
-``feature_location`` means what it means for timm's ``hrnet_wXX`` (docs/design.md section 1.5):
-
-- ``'incre'`` (the default): the first stem activation (stride 2), then the four streams after
-  their incre bottleneck: 128, 256, 512, 1024 channels at strides 4-32 (part of the C head);
-- ``''``: the first stem activation, then the four raw streams of stage 4: C, 2C, 4C, 8C channels
-  at strides 4-32, the HRNetV1/V2 representation used for segmentation and pose estimation.
-
-The raw streams are the outputs of ``model.streams.0..3``, parameter-free identity taps that give
-them a module name: hooks and FX feature extraction (``feature_cls='fx'``,
-``create_feature_extractor``) address them as ``streams.i``.
-"""
+Taps, channels and strides of each: docs/design.md §1.5."""
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,16 +49,10 @@ def hrnetv2_concat(streams: Sequence[torch.Tensor], align_corners: bool = False)
 
 
 def hrnetv2_features(model: nn.Module, x: torch.Tensor, align_corners: bool = False) -> torch.Tensor:
-    """The HRNetV2 representation of x: (B, 15C, H/4, W/4), e.g. 270 channels for W18.
+    """The HRNetV2 representation of x (docs/design.md §1.5): (B, 15C, H/4, W/4), 270 channels for W18.
 
-    The four raw streams (C, 2C, 4C, 8C channels at strides 4-32) bilinearly upsampled to the
-    first stream's resolution and concatenated, as in the authors' HRNetV2 segmentation code;
-    a task head (e.g. 1x1 conv + BN + ReLU + 1x1 conv to the classes) goes on top.
-
-    model: an HRNet-C model (any feature_location; its trunk is run, the head is not), or a
-    ``features_only=True, feature_location=''`` model (getter or fx) whose out_indices include 1-4.
-    align_corners: False as in mmsegmentation; the authors' older configs used True.
-    """
+    model: an HRNet-C model (only its trunk runs), or a ``features_only=True, feature_location=''`` one whose
+    out_indices cover 1-4. align_corners: False as in mmsegmentation; the authors' older configs used True."""
     if hasattr(model, 'forward_streams'):
         streams = model.forward_streams(model.forward_stem(x))
     else:

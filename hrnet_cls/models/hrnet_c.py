@@ -1,18 +1,6 @@
-"""HRNet-C: high-resolution networks with the cascaded bottleneck classification head.
+"""HRNet-C (Wang et al., TPAMI 2020, arXiv 1908.07919, Appendix B): the variant table, the network, its entry points.
 
-Wang et al., "Deep High-Resolution Representation Learning for Visual Recognition"
-(TPAMI 2020, arXiv 1908.07919), Appendix B. The architecture and the variant table are
-described in docs/design.md sections 1-2; the blocks live in blocks.py. This file reads as
-timm's model files do: the variant table, one network class, a builder, the registered
-entry points. The state-dict layout equals the authors' classification code and
-timm's ``hrnet_wXX`` (``conv1, bn1, conv2, bn2, layer1, transition1..3, stage2..4,
-incre_modules, downsamp_modules, final_layer, classifier``), so their checkpoints load.
-
-Compared with timm's ``hrnet.py`` this one adds stochastic depth, gradient checkpointing
-(exact: BN running stats are not updated twice), TorchScript, inputs whose side is not a
-multiple of 32, and a cheaper fuse (nearest upsampling is folded into the sum instead of
-materialising the upsampled tensor). Like timm's it traces with torch.fx and takes ``feature_location``.
-"""
+Architecture and variants: docs/design.md §1-2; what differs from timm's ``hrnet.py``: §1.7."""
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -35,7 +23,7 @@ STEM_STRIDE = 4  # two stride-2 convs before the first stream
 class HRNetCfg:
     """One variant. Widths are the residual units' inner widths (NUM_CHANNELS)."""
     block: str  # 'basic' or 'bottleneck' in stages 2-4
-    widths: Tuple[int, int, int, int]  # inner width per stream
+    widths: Tuple[int, int, int, int]
     num_modules: Tuple[int, int, int] = (1, 4, 3)  # HR modules in stages 2, 3, 4
     num_units: int = 4  # residual units per stream per module
     stem_width: int = 64
@@ -59,8 +47,7 @@ class Variant:
     source: str = ''  # where top1 comes from: 'paper' (Table XV) or 'repo' (the authors' repository)
 
 
-# The one table of variants (docs/design.md section 2): the configs' generator, the tests and
-# the README's model table are derived from it. Frozen: overrides copy, never mutate.
+# The one variant table (docs/design.md §2.7): the recipes, the README's table and the tests derive from it.
 VARIANTS: Dict[str, Variant] = {
     'hrnet_w18_c': Variant(HRNetCfg('basic', (18, 36, 72, 144)), 21_299_004, 3.99, 76.9, 'paper'),
     'hrnet_w30_c': Variant(HRNetCfg('basic', (30, 60, 120, 240)), 37_712_220, 7.55, 78.1, 'paper'),
@@ -74,15 +61,12 @@ VARIANTS: Dict[str, Variant] = {
     'hrnet_w44_c_basic': Variant(HRNetCfg('basic', (44, 88, 176, 352)), 67_064_984, 13.86, 78.9, 'repo'),
     'hrnet_w18_small_c': Variant(_small((16, 32, 64, 128), 32, 1, (1, 1, 1)), 13_187_464, 1.49, 72.3, 'repo'),
     'hrnet_w18_small_v2_c': Variant(_small((18, 36, 72, 144), 64, 2, (1, 3, 2)), 15_597_464, 2.42, 75.1, 'repo'),
-    # A small (0.6M parameters at 10 classes) member for fast CPU tests and the bundled demo.
     'hrnet_tiny_c': Variant(HRNetCfg(
         'basic', (4, 8, 16, 32), (1, 1, 1), 1, stem_width=16, stage1_width=8, stage1_units=1,
         head_widths=(8, 16, 32, 64), num_features=256), 860_032, 0.0866),
 }
 MODEL_CFGS: Dict[str, HRNetCfg] = {name: v.cfg for name, v in VARIANTS.items()}
-# The variants that are, in eval, timm's own model of the same name without "_c": the same graph and
-# state-dict layout (drop path and checkpointing are training-only), so their weights and exports load
-# in plain timm (tests/test_models.py, tests/test_export.py compare logits).
+# In eval, timm's own model of the same name without "_c" (same graph and keys): plain timm loads their exports.
 TIMM_TWINS: Dict[str, str] = {
     'hrnet_w18_c': 'hrnet_w18', 'hrnet_w30_c': 'hrnet_w30', 'hrnet_w32_c': 'hrnet_w32', 'hrnet_w40_c': 'hrnet_w40',
     'hrnet_w48_c': 'hrnet_w48', 'hrnet_w64_c': 'hrnet_w64', 'hrnet_w44_c_basic': 'hrnet_w44',
@@ -107,18 +91,16 @@ class HighResolutionNetC(nn.Module):
     ):
         super().__init__()
         _check_args(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
-        self.feature_location = check_feature_location(feature_location)  # 'incre' or '': what the features are
+        self.feature_location = check_feature_location(feature_location)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        # Activations and conv weights are kept NHWC whatever the input layout: oneDNN (CPU) and
-        # cuDNN with autocast run HRNet's many narrow convolutions markedly faster that way.
+        # NHWC activations and conv weights whatever the input layout (docs/design.md §1.7)
         self.channels_last = channels_last
         self.grad_checkpointing = False
         depth = cfg.stage1_units + sum(cfg.num_modules) * cfg.num_units
         dpr = [drop_path_rate * d / max(depth - 1, 1) for d in range(depth)]  # linear in depth
 
-        # stem: two stride-2 3x3 convs, (B, 3, H, W) -> (B, stem, H/4, W/4)
         self.conv1 = nn.Conv2d(in_chans, cfg.stem_width, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cfg.stem_width, momentum=BN_MOMENTUM)
         self.act1 = nn.ReLU(inplace=True)
@@ -129,7 +111,6 @@ class HighResolutionNetC(nn.Module):
         chs = self._add_stages(cfg, BLOCKS[cfg.block], dpr[cfg.stage1_units:])
         self.streams = nn.ModuleList([nn.Identity() for _ in chs])  # taps naming the raw streams (no state)
 
-        # head: incre bottleneck per stream, then cascade down to 1/32 and a 1x1 conv
         head = [w * Bottleneck.expansion for w in cfg.head_widths]
         self.incre_modules = nn.ModuleList(
             [CheckpointSeq(*units(Bottleneck, chs[i], cfg.head_widths[i], 1, [0.0])) for i in range(4)])
@@ -145,8 +126,7 @@ class HighResolutionNetC(nn.Module):
             self.to(memory_format=torch.channels_last)  # 4-D conv weights only; state-dict values unchanged
 
     def _add_stages(self, cfg: HRNetCfg, block: type, dpr: List[float]) -> List[int]:
-        """transition1..3 and stage2..4 (``dpr``: their units' drop-path rates in order); returns
-        the four streams' output widths."""
+        """transition1..3 and stage2..4 (``dpr``: their units' drop-path rates); returns the streams' widths."""
         chs, d = [cfg.stage1_width * Bottleneck.expansion], 0
         for s, n_modules in enumerate(cfg.num_modules):
             widths = list(cfg.widths[:s + 2])
@@ -181,7 +161,7 @@ class HighResolutionNetC(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each stage-1 unit, HR module and incre block in backward (exact, see recompute.py)."""
+        """Recompute each stage-1 unit, HR module and incre block in backward (exact: blocks.checkpoint_module)."""
         self.grad_checkpointing = enable
         for m in self.modules():
             if isinstance(m, Checkpointable):
@@ -246,11 +226,8 @@ class HighResolutionNetC(nn.Module):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Features at index 0: stem (stride 2); 1-4: the streams after their incre bottleneck
-        (feature_location='incre') or the raw streams ('').
-
-        Returns the intermediates, or (forward_features output, intermediates).
-        """
+        """Index 0: the stem (stride 2); 1-4: the incre outputs ('incre') or the raw streams ('').
+        Returns the intermediates, or (forward_features output, intermediates)."""
         if output_fmt != 'NCHW':
             raise ValueError(f"output_fmt={output_fmt!r} unsupported: HRNet-C features are 'NCHW'")
         take, max_index = take_indices(len(self.feature_info), indices)
@@ -301,7 +278,6 @@ class HighResolutionNetC(nn.Module):
 
 
 def _check_args(**values: float) -> None:
-    """Reject impossible constructor values with a message naming the argument."""
     limits = dict(num_classes=(0, None), in_chans=(1, None), drop_rate=(0.0, 1.0), drop_path_rate=(0.0, 1.0))
     for name, value in values.items():
         lo, hi = limits[name]
@@ -333,7 +309,7 @@ def _cfg(hub: str = '', **kwargs: Any) -> Dict[str, Any]:
         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='conv1', classifier='classifier',
         license='mit', paper_ids='arXiv:1908.07919',
     )
-    if hub:  # timm's published hrnet_wXX weights share our state-dict layout exactly
+    if hub:
         cfg['hf_hub_id'] = f'timm/{hub}'
     return {**cfg, **kwargs}
 

@@ -1,16 +1,7 @@
-"""Inference-time rewrites for validation and export: BatchNorm folded into the convolution before it.
+"""For validation: BatchNorm folded into the convolution before it, on a copy, and MAC counts (docs/design.md §7.1).
 
-In eval mode a BatchNorm after a convolution is an affine map per channel, so it can be
-multiplied into the convolution's weights and bias (``torch.nn.utils.fusion.fuse_conv_bn_eval``)
-and dropped: one pass over the activations less per conv, about 15% of an HRNet forward on CPU.
-Always on a copy: the training model keeps its BatchNorms and their running statistics.
-
-Pairs are found by structure, without tracing: in an ``nn.Sequential`` a BatchNorm2d right after
-a Conv2d (timm's and our ``conv_bn`` blocks), and in any module the children ``convK`` and ``bnK``
-(residual units and stems of HRNet and ResNet-style models name them so and apply ``bnK(convK(x))``).
-A model with another layout simply keeps those BatchNorms; the folded model is checked against
-the original on a batch before it is used (``fold_batchnorm(..., check=x)``).
-"""
+Pairs are found by structure, not tracing: a BatchNorm2d right after a Conv2d in an ``nn.Sequential``, and the
+children ``convK`` / ``bnK`` of any module (HRNet and ResNet-style units apply ``bnK(convK(x))``); others stay."""
 from __future__ import annotations
 
 import copy
@@ -30,7 +21,7 @@ def _fused(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) and \
         not conv.weight.is_contiguous() else torch.contiguous_format
     fused = fuse_conv_bn_eval(conv, bn)
-    fused.weight.data = fused.weight.data.contiguous(memory_format=layout)  # keep the model's conv layout
+    fused.weight.data = fused.weight.data.contiguous(memory_format=layout)
     return fused
 
 
@@ -59,13 +50,11 @@ def _fold_children(module: nn.Module) -> int:
 def fold_batchnorm(model: nn.Module, check: torch.Tensor | None = None, tolerance: float = 1e-5) -> nn.Module:
     """An eval-mode copy of ``model`` with its conv + BatchNorm pairs folded.
 
-    check: a batch to compare the copy's outputs with the original's on; a difference above
-    ``tolerance`` times the output scale raises ValueError (a pair found by name that the
-    forward does not chain directly).
-    """
+    check: a batch to run both on; a difference above ``tolerance`` times the output scale raises ValueError
+    (e.g. a convK / bnK pair that the forward does not chain directly)."""
     folded = copy.deepcopy(model).eval()
     count = sum(_fold_children(m) for m in list(folded.modules()))
-    folded.folded_batchnorms = count  # for reports: how many BatchNorms went
+    folded.folded_batchnorms = count
     if check is not None:
         was_training = model.training
         expected, got = model.eval()(check), folded(check)
@@ -77,12 +66,8 @@ def fold_batchnorm(model: nn.Module, check: torch.Tensor | None = None, toleranc
 
 
 def count_macs(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 224)) -> int:
-    """Multiply-adds of one image's forward pass (eval mode, no gradients).
-
-    Counted on a meta-device copy of the model: shapes only, no arithmetic, so a large model
-    at a large size costs milliseconds, and an input size the model cannot take still raises.
-    """
-    # the copy shares nothing with the model and copies no weight: each tensor maps to a meta twin
+    """Multiply-adds of one image's eval forward, counted on a meta-device copy that copies no weight
+    (milliseconds for any model and size); an input size the model cannot take still raises."""
     memo = {id(p): nn.Parameter(torch.empty_like(p, device='meta'), p.requires_grad) for p in model.parameters()}
     memo.update({id(b): torch.empty_like(b, device='meta') for b in model.buffers()})
     meta = copy.deepcopy(model, memo).eval()

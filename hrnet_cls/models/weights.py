@@ -1,21 +1,6 @@
-"""Reading weights: one path for every file the project meets.
+"""Reading weights: our training checkpoints, timm's and the authors' files, ``.safetensors`` (docs/design.md §6.5).
 
-Files: our training checkpoints (``model`` / ``model_ema``), timm's and the authors'
-(plain state dicts, or wrapped in ``state_dict`` / ``state_dict_ema``, the authors' with a
-``module.`` prefix and ``model`` holding a name string), and ``.safetensors``.
-
-Three separate steps, so no step does something the caller did not ask for:
-
-- ``read_file`` + ``pick_state_dict`` (or ``read_state_dict``): the tensors, with the key
-  priority of timm's ``load_state_dict`` (EMA keys first when asked, then ``state_dict``,
-  then ``model``), so ``timm.create_model(name, checkpoint_path=...)`` and this module read
-  a file alike. Unlike timm, asking for EMA weights that the file lacks is an error, not a
-  silent fall-back to the raw weights.
-- ``load_strict``: every tensor must fit; a misfit is one line naming the tensors.
-- ``reset_mismatched_head``: the explicit fine-tuning step. Classifier tensors of another
-  shape (another ``num_classes``) are dropped so the model keeps its fresh classifier, as
-  timm's ``load_pretrained`` does; nothing else may differ.
-"""
+Three steps, each only when asked: ``read_file`` + ``pick_state_dict``, ``load_strict``, ``reset_mismatched_head``."""
 from __future__ import annotations
 
 import logging
@@ -38,10 +23,8 @@ _PLAIN_KEYS = ("state_dict", "model")
 def read_file(path: str | os.PathLike, mmap: bool = True) -> Any:
     """The object stored in a weights or checkpoint file, on the CPU, as data only.
 
-    mmap: map the tensors instead of reading them, where the format allows, so reading a
-    checkpoint's config costs its pickle only (legacy non-zip torch files are read whole).
-    Pass False for tensors that must outlive the file (training state on resume).
-    """
+    mmap: map the tensors rather than read them (legacy non-zip files are read whole); pass False for
+    tensors that must outlive the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
@@ -61,7 +44,8 @@ def is_state_dict(value: Any) -> bool:
 
 
 def pick_state_dict(obj: Any, use_ema: bool = False) -> StateDict:
-    """The weights inside a file's object, without wrapper prefixes; see the module doc."""
+    """The weights in a file's object, wrapper prefixes stripped, by timm's key priority; unlike timm, use_ema
+    on a file without EMA weights raises. The authors' ``model`` key may hold a name string."""
     for key in _EMA_KEYS if use_ema else _PLAIN_KEYS:
         if isinstance(obj, Mapping) and is_state_dict(obj.get(key)):
             return clean_state_dict(obj[key])
@@ -116,12 +100,8 @@ def classifier_names(model: nn.Module) -> tuple[str, ...]:
 
 
 def reset_mismatched_head(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> tuple[StateDict, list[str]]:
-    """(weights with the model's own classifier where the file's has another shape, the keys replaced).
-
-    The explicit fine-tuning step: load_strict then accepts a file trained for another
-    num_classes (the classifier keeps its fresh initialisation) and still rejects any other
-    difference. A model without a classifier (num_classes=0) drops the file's.
-    """
+    """(weights with the model's own classifier where the file's has another shape, the keys replaced); a model
+    without a classifier (num_classes=0) drops the file's. Every other tensor is left for load_strict."""
     own = model.state_dict()
     heads = tuple(f"{h}." for h in classifier_names(model))
     out, replaced = dict(weights), []
@@ -138,10 +118,7 @@ def reset_mismatched_head(model: nn.Module, weights: Mapping[str, torch.Tensor])
 
 
 def init_from(model: nn.Module, path: str | Path, use_ema: bool = False) -> list[str]:
-    """Fine-tuning start: every weight from ``path`` except a classifier of another shape.
-
-    Returns the classifier keys left at their fresh initialisation.
-    """
+    """Fine-tuning start: every weight from ``path`` but a classifier of another shape; returns the keys left fresh."""
     weights, replaced = reset_mismatched_head(model, read_state_dict(path, use_ema))
     load_strict(model, weights, str(path))
     return replaced

@@ -1,5 +1,5 @@
-"""Source images for the shard writer: an ImageFolder tree or a flat folder plus a labels
-file, turned into the list of items (path, class, sample key) to write."""
+"""Source images for the shard writer (an ImageFolder tree, or a flat folder plus a labels file) as the items
+(path, class, sample key) to write; the rules are in shards/README.md, "Writing shards"."""
 from __future__ import annotations
 
 import csv
@@ -28,7 +28,7 @@ class Item:
 
     path: str  # absolute source path
     rel: str  # path relative to SRC, kept in the json sidecar
-    label: int  # class index
+    label: int
     class_name: str
     key: str  # webdataset sample key: unique within the split, no dots
     nbytes: int  # file size, for --max-shard-bytes
@@ -40,9 +40,6 @@ class ScanReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason): unreadable entries
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (path, path kept): same real file
-
-
-# ---------------------------------------------------------------- sources and labels
 
 
 def _is_image_name(name: str) -> bool:
@@ -69,14 +66,9 @@ def _dir_id(path: str) -> tuple[int, int]:
 
 
 class _TreeWalk:
-    """Image files below the class folders, following symlinked directories but entering each
-    real directory (by (st_dev, st_ino)) at most once.
-
-    Pass 1 walks every class folder's real sub-folders; only then are the symlinked folders met
-    on the way followed (pass 2, in the order met), so a tree's own folders always count as the
-    real location of their files, and a link back to SRC, a class folder or any ancestor is a
-    loop that is reported and not followed.
-    """
+    """Image files below the class folders, each real directory (st_dev, st_ino) entered once; symlinked folders
+    are followed after all real ones (pass 2), so a tree's own folders are its files' real location, and a
+    link back to SRC, a class folder or an ancestor is a loop, reported and not followed."""
 
     def __init__(self, src: Path, report: ScanReport) -> None:
         self.src, self.report = src, report
@@ -129,7 +121,7 @@ class _TreeWalk:
                 continue
             path, is_link = entry.path, entry.is_symlink()
             try:
-                is_dir = entry.is_dir()  # follows a symlink
+                is_dir = entry.is_dir()
             except OSError:
                 is_dir = False
             if is_link and is_dir:
@@ -153,8 +145,7 @@ class _TreeWalk:
 
 def _drop_same_files(src: Path, found: list[tuple[str, str, str, bool]], report: ScanReport,
                      ) -> list[tuple[str, str]]:
-    """(rel, class) with one path per real file: the first path free of symlinks if any,
-    else the first met; each other path is logged and left out."""
+    """(rel, class) with one path per real file (the first free of symlinks, else the first met); others logged."""
     first: dict[str, int] = {}  # real path -> index of the path kept
     for i, (_, _, real, direct) in enumerate(found):
         if real not in first or (direct and not found[first[real]][3]):
@@ -172,12 +163,8 @@ def _drop_same_files(src: Path, found: list[tuple[str, str, str, bool]], report:
 
 
 def scan_image_folder(src: Path, report: ScanReport | None = None) -> dict[str, list[str]]:
-    """{class folder name: image paths relative to SRC} for an ImageFolder tree.
-
-    Symlinked files and folders are followed; each real folder is entered and each real file
-    listed once. Dangling symlinks, loops and second paths to a file are logged and, for the
-    caller, recorded in ``report``.
-    """
+    """{class folder name: image paths relative to SRC} for an ImageFolder tree; dangling symlinks, loops and
+    second paths to a file are logged and recorded in ``report``."""
     report = ScanReport() if report is None else report
     entries = sorted(src.iterdir())
     classes = [p.name for p in entries if p.is_dir() and not p.name.startswith(".")]
@@ -205,11 +192,8 @@ def scan_image_folder(src: Path, report: ScanReport | None = None) -> dict[str, 
 
 
 def read_labels(path: Path) -> list[tuple[str, str, int]]:
-    """(filename, class token, line number) per line of a labels file.
-
-    Lines are ``FILENAME CLASS`` or ``FILENAME,CLASS``; blank lines, ``#`` comments and a
-    ``filename,class`` style header are ignored.
-    """
+    """(filename, class token, line number) per ``FILENAME CLASS`` or ``FILENAME,CLASS`` line of a labels file;
+    blank lines, ``#`` comments and a header are ignored."""
     if not path.is_file():
         raise SourceError(f"{path}: labels file not found")
     rows: list[tuple[str, str, int]] = []
@@ -224,7 +208,7 @@ def read_labels(path: Path) -> list[tuple[str, str, int]]:
                 if len(fields) != 2 or not all(fields):
                     raise SourceError(
                         f"{path}:{lineno}: expected 'FILENAME CLASS' or 'FILENAME,CLASS', got {text!r}")
-                if not rows and all(f.lower() in words for f, words in zip(fields, _HEADER_WORDS)):  # a header
+                if not rows and all(f.lower() in words for f, words in zip(fields, _HEADER_WORDS)):
                     continue
                 rows.append((fields[0], fields[1], lineno))
     except UnicodeDecodeError as exc:
@@ -235,8 +219,7 @@ def read_labels(path: Path) -> list[tuple[str, str, int]]:
 
 
 def _stem_index(src: Path) -> dict[str, str | None]:
-    """{file stem: file name} for SRC's top-level images (dangling links included, to be
-    reported when listed); None where a stem is ambiguous."""
+    """{file stem: file name} of SRC's top-level images, dangling links included; None for an ambiguous stem."""
     index: dict[str, str | None] = {}
     for p in src.iterdir():
         if (p.is_file() or _dangling(p)) and _is_image_name(p.name):
@@ -246,12 +229,8 @@ def _stem_index(src: Path) -> dict[str, str | None]:
 
 def match_labelled_files(src: Path, labels: Path, report: ScanReport | None = None,
                          ) -> list[tuple[str, str, int]]:
-    """(path relative to SRC, class token, line number) for every labels-file line.
-
-    A listed name may omit the extension (``ILSVRC2012_val_00000001``) when the stem is unique.
-    A listed dangling symlink, or a second name for a file already listed (same real path), is
-    logged, recorded in ``report`` and left out.
-    """
+    """(path relative to SRC, class token, line number) per labels-file line (a unique stem may omit its
+    extension); dangling symlinks and second names of a file are logged, recorded in ``report``, left out."""
     report = ScanReport() if report is None else report
     stems = _stem_index(src)
     rows, used, reals = [], {}, {}
@@ -292,12 +271,8 @@ def _token_to_index(token: str, lookup: dict[str, int], where: str, info_path: P
                       f"nor an index below {len(lookup)}")
 
 
-# ---------------------------------------------------------------- sample keys
-
-
 def make_keys(rels: Sequence[str]) -> list[str]:
-    """Unique sample keys: the file stem when stems are unique in the split, else the path; characters
-    other than letters, digits, '-' and '_' become '_' (_KEY_UNSAFE)."""
+    """Unique sample keys: file stems if unique in the split, else paths, _KEY_UNSAFE characters made '_'."""
     stems = [_KEY_UNSAFE.sub("_", Path(r).stem) for r in rels]
     if len(set(stems)) == len(stems):
         return stems
@@ -315,11 +290,8 @@ def make_keys(rels: Sequence[str]) -> list[str]:
 
 def collect_items(src: Path, labels: Path | None, class_names: list[str] | None,
                   info_path: Path, report: ScanReport | None = None) -> tuple[list[Item], list[str]]:
-    """Source images with class indices, and the class list OUT_DIR will store.
-
-    ``class_names`` is the list already stored in OUT_DIR (None for a fresh OUT_DIR). Files the
-    scan leaves out (dangling symlinks, second paths to a file) are recorded in ``report``.
-    """
+    """Source images with class indices, and the class list OUT_DIR will store; ``class_names``: the list it
+    stores already (None: fresh). Files the scan leaves out are recorded in ``report``."""
     if labels is None:
         by_class = scan_image_folder(src, report)
         if class_names is None:

@@ -1,5 +1,5 @@
-"""Writing shards: items cut into shards, each written under a temporary name and published
-(hrnet_cls.atomic) when complete, and the split recorded in _info.json at the end."""
+"""Writing shards: items cut into shards, each written under a temporary name and published (hrnet_cls.atomic)
+when complete, the split recorded in _info.json at the end (shards/README.md, docs/design.md §5.2)."""
 from __future__ import annotations
 
 import contextlib
@@ -25,8 +25,7 @@ from hrnet_cls.shards.scan import Item, ScanReport, SourceError, collect_items
 
 logger = logging.getLogger("hrnet_cls.shards")
 
-# PIL format -> sample extension. MPO is the multi-picture JPEG some cameras write.
-FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+FORMAT_EXT = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> extension (MPO: a JPEG)
 TAR_BLOCK = 512  # bytes; tar stores every header and data run in whole blocks
 TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads a closed archive to whole records
 
@@ -42,9 +41,6 @@ class WriteResult:
     @property
     def num_samples(self) -> int:
         return sum(self.shard_lengths)
-
-
-# ---------------------------------------------------------------- planning
 
 
 def _member_size(name: str, nbytes: int) -> int:
@@ -64,8 +60,7 @@ def _sample_size(item: Item, with_json: bool) -> int:
 
 def plan_shards(items: Sequence[Item], max_per_shard: int, max_shard_bytes: int,
                 with_json: bool = True) -> list[list[Item]]:
-    """Cut the (already shuffled) items into shards of at most max_per_shard samples and at
-    most max_shard_bytes bytes on disk; a single larger sample gets a shard of its own."""
+    """Cut the (shuffled) items into shards of <= max_per_shard samples and <= max_shard_bytes (or one sample)."""
     groups: list[list[Item]] = []
     current: list[Item] = []
     size = 2 * TAR_BLOCK  # end-of-archive marker
@@ -82,19 +77,9 @@ def plan_shards(items: Sequence[Item], max_per_shard: int, max_shard_bytes: int,
     return groups
 
 
-# ---------------------------------------------------------------- writing
-
-
 def shard_image(data: bytes) -> tuple[str, bytes]:
-    """(sample extension, bytes to store) for encoded image bytes; raises if they do not fully
-    decode.
-
-    The bytes are the source's, unchanged, except for 16-bit grayscale PNGs (PIL modes "I;16*",
-    and "I" from older Pillow): ``convert("RGB")`` in a reader would clip their 0..65535 values
-    at 255, so they are stored re-encoded as 8-bit grayscale PNGs, value >> 8 (65535 -> 255,
-    32768 -> 128). 16-bit RGB(A) and gray+alpha PNGs already decode to 8-bit modes the same
-    way (PIL keeps the high byte) and are copied like every other image.
-    """
+    """(sample extension, bytes to store) for encoded image bytes, raising if they do not fully decode: the
+    source's bytes, but wide grayscale as an 8-bit PNG, value >> 8 (shards/README.md, 16-bit images)."""
     with Image.open(io.BytesIO(data)) as img:
         fmt = img.format
         img.load()
@@ -154,8 +139,7 @@ def _ordered_map(workers: int) -> Iterator[Callable]:
 
 def write_groups(groups: list[list[Item]], out_dir: Path, split: str, workers: int,
                  progress: bool, with_json: bool = True) -> WriteResult:
-    """Write shards in parallel; each is published (fsync'ed, renamed) under its final, contiguous
-    name once complete (a shard whose every file failed to decode is dropped)."""
+    """Write shards in parallel, each published under its final, contiguous name once complete (empty ones dropped)."""
     tasks = [(group, str(out_dir / f".{split}-{i:06d}.tar.partial"), with_json)
              for i, group in enumerate(groups)]
     result = WriteResult(split, [], [], [])
@@ -179,9 +163,6 @@ def write_groups(groups: list[list[Item]], out_dir: Path, split: str, workers: i
                 logger.info("%s: %d/%d shards written", split, done, len(tasks))
         bar.close()
     return result
-
-
-# ---------------------------------------------------------------- _info.json
 
 
 def load_info(path: Path) -> dict:

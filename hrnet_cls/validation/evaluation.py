@@ -1,11 +1,6 @@
-"""Exact evaluation of several models on one stream of decoded batches.
+"""Exact evaluation of several models on one stream of decoded batches: train-time validation and validate.py.
 
-Train-time validation (the model and its EMA) and validate.py's passes (every model of
-one preprocessing group) both come here: each batch is decoded once, moved to the device
-once and fed to every model in turn. Counts are integers summed over batches and reduced
-over processes once per stream, never averaged, so N processes give exactly the
-1-process numbers (the val loader reads every sample once, without padding).
-"""
+Each batch is decoded once and fed to every model; integer counts are reduced once (docs/design.md §4.9)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -22,10 +17,7 @@ from hrnet_cls.timing import Stopwatch
 
 
 def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """int64 [correct in top-k for each k, number of samples], on the logits' device.
-
-    logits: (N, C); targets: (N,). k above C counts as C (every sample is then correct).
-    """
+    """int64 [top-k hits for each k (k > C counts as C), samples] on the logits' device; logits (N, C), targets (N,)."""
     maxk = min(max(topk), logits.shape[1])
     hits = logits.topk(maxk, dim=1).indices.eq(targets.view(-1, 1))  # (N, maxk)
     counts = [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
@@ -50,7 +42,7 @@ class Totals:
     """Sums over every process."""
 
     counts: list[list[int]]  # per model: [top-1 hits, top-5 hits, samples]
-    loss_sum: list[float]  # per model
+    loss_sum: list[float]
     decoded: int
     skipped: int
     metrics: list[dict[str, float]] = field(default_factory=list)  # per model: top1, top5 (%), loss, samples
@@ -61,11 +53,8 @@ def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device
          catch: bool = False) -> Tally:
     """Run every batch ``(images (B,3,S,S), targets (B,), skipped)`` through every model.
 
-    timed: synchronise after each forward and add its seconds to the model's (costs the
-    overlap of host and device work; validate.py reports images/s per model).
-    catch: a model that raises stops there with its error kept while the others go on; an
-    error of the loader itself fails every model. Without catch, errors propagate.
-    """
+    timed: synchronise after each forward to time it (host and device no longer overlap). catch: a model that
+    raises stops with its error kept, the others go on, a loader error fails all; else errors propagate."""
     tally = Tally(torch.zeros(len(models), 3, dtype=torch.int64, device=device),
                   torch.zeros(len(models), dtype=torch.float64, device=device),
                   [0.0] * len(models), [""] * len(models))
@@ -93,7 +82,7 @@ def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: tor
         watch = Stopwatch(device if timed else "cpu")
         try:
             with watch, torch.inference_mode(), precision.autocast():
-                logits = model(images).float()  # (B, num_classes)
+                logits = model(images).float()
                 tally.loss_sum[i] += F.cross_entropy(logits, targets, reduction="sum")
                 tally.counts[i] += accuracy_counts(logits, targets)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this size: this model only
@@ -121,9 +110,7 @@ def evaluate(models: dict[str, nn.Module], batches: Iterable, *, device: torch.d
              memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """``{name}_{top1,top5,loss,samples,skipped}`` for each named model, one decode of the data.
 
-    Pass bare models (not DDP), each in the mode it should end in; they are evaluated in
-    eval mode and restored. The loss is plain cross-entropy (no label smoothing).
-    """
+    Bare models (not DDP), run in eval mode and put back in their mode; the loss is plain cross-entropy."""
     names, nets = list(models), list(models.values())
     modes = [net.training for net in nets]
     for net in nets:

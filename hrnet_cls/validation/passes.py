@@ -1,11 +1,7 @@
-"""Running a sweep: rows grouped by preprocessing, one loader pass per group.
+"""Running a sweep: rows grouped by preprocessing, one loader pass per group (docs/design.md §5.5, §7.1).
 
-Memory trade-off of a pass: all its models are resident on the device together (their
-weights: 4 bytes per parameter in fp32, e.g. 85 MB for hrnet_w18_c, 512 MB for
-hrnet_w64_c); activations are those of one model at a time, because the models run one
-after another on each batch. ``max_models_per_pass=N`` cuts a group into passes of at most
-N models (1 = one pass per row, every sample then decoded once per row).
-"""
+A pass keeps all its models resident (fp32 weights: 85 MB for hrnet_w18_c, 512 MB for hrnet_w64_c) but the
+activations of one at a time; ``max_models_per_pass=N`` cuts a group into passes of at most N models."""
 from __future__ import annotations
 
 import logging
@@ -36,17 +32,17 @@ class SweepSettings:
     """How to run the passes (the same on every rank)."""
 
     shards: tuple[str, ...]  # expanded list of val shards
-    expected_samples: int  # samples they hold, from expected_samples()
+    expected_samples: int  # from expected_samples()
     expected_source: str = ""  # where that number comes from, for messages
-    batch_size: int = 256  # images per rank per forward
+    batch_size: int = 256
     workers: int = 4  # DataLoader workers per rank (0 = decode in the main process)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: Precision = field(default_factory=lambda: Precision("fp32", "cpu"))
     channels_last: bool = False
     use_ema: bool = False
-    max_models_per_pass: int = 0  # 0 = every model of a preprocessing group in one pass
-    fold_bn: bool = True  # fold BatchNorm into the convolutions (hrnet_cls.models.inference): same numbers, faster
-    compile: bool = False  # torch.compile each model, weights frozen (slow first batches, faster after)
+    max_models_per_pass: int = 0
+    fold_bn: bool = True
+    compile: bool = False  # torch.compile each model, weights frozen
 
 
 @dataclass(frozen=True)
@@ -61,9 +57,8 @@ class PassStats:
 
 
 def expected_samples(shards: Sequence[str]) -> tuple[int, str]:
-    """(samples the shards should hold, where the number comes from): the split's
-    num_samples in _info.json when the shards are that whole split, the listed lengths of
-    these shards when they are part of one, else the count read from the tar headers."""
+    """(samples the shards should hold, where the number comes from): _info.json's num_samples for a whole split,
+    its listed lengths for part of one, else the count read from the tar headers."""
     names = sorted(os.path.basename(url) for url in shards)
     for split in (read_info(list(shards)) or {}).get("splits", {}).values():
         listed = dict(zip(split.get("filenames", ()), split.get("shard_lengths", ())))
@@ -76,8 +71,7 @@ def expected_samples(shards: Sequence[str]) -> tuple[int, str]:
 
 
 def plan_passes(rows: Sequence[Row], max_models_per_pass: int = 0) -> list[list[Row]]:
-    """Rows still to run, grouped by preprocessing (first-seen order), each group cut into
-    passes of at most max_models_per_pass models (0 = no limit)."""
+    """Rows still to run by preprocessing (first-seen order), in passes of max_models_per_pass (0 = no limit)."""
     groups: dict[Preprocess, list[Row]] = {}
     for row in rows:
         if not row.error:
@@ -93,24 +87,21 @@ def build_model(spec: ModelSpec, use_ema: bool = False) -> nn.Module:
 
 
 def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, int]) -> list[nn.Module | None]:
-    """Each row's model on the device (None where it failed: the row's error says why).
-
-    MACs depend on the architecture and input size only, so they are counted once per
-    (model, classes, img_size) in the sweep.
-    """
+    """Each row's model on the device (None where it failed: the row's error says why); ``macs`` caches the
+    MAC counts per (model, classes, img_size) over the sweep."""
     models: list[nn.Module | None] = []
     for row in rows:
         try:
             model = build_model(row.spec, settings.use_ema)
             key = (row.spec.model, row.spec.desc.num_classes, row.img_size)
-            if key not in macs:  # a forward at img_size on the CPU: an unusable size fails here
+            if key not in macs:  # a meta-device forward at img_size: an unusable size fails here
                 macs[key] = count_macs(model, (3, row.img_size, row.img_size))
             row.params, row.gmacs = sum(p.numel() for p in model.parameters()), macs[key] / 2**30
             if settings.fold_bn:  # checked against the unfolded model on a small batch (any size shows a misfold)
                 model = fold_batchnorm(model, check=torch.randn(2, 3, 64, 64))
             model = model.to(settings.device, memory_format=torch.channels_last if settings.channels_last
                              else torch.preserve_format)
-            # freezing: inductor treats the weights as constants (prepacked, fused); fine for weights that never change
+            # freezing: weights become constants, right only for weights that never change (docs/design.md §7.1)
             models.append(torch.compile(model, options={"freezing": True}) if settings.compile else model)
         except Exception as exc:  # noqa: BLE001 - this row fails, the others go on
             row.error = row.spec.failed(one_line(exc)).error

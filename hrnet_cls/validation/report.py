@@ -1,10 +1,5 @@
-"""A sweep's rows as a console table and as a CSV or JSON results file.
-
-The results file starts with timm's validate.py columns in timm's order (``model, top1, top1_err,
-top5, top5_err, param_count, img_size, crop_pct, interpolation``; param_count in millions, as
-timm's ``results-imagenet.csv``), so the two line up, then ours. The paper's top-1 is given only
-for a 1000-class model of a variant the paper (or the authors' repository) reports.
-"""
+"""A sweep's rows as a console table and a CSV or JSON results file, timm's validate.py columns first in timm's
+order, so rows line up with timm's ``results-imagenet.csv`` (columns: README "Validation and sweeps")."""
 from __future__ import annotations
 
 import csv
@@ -64,8 +59,7 @@ _TABLE = (("model", "model", "", "<"), ("checkpoint", "checkpoint", "", "<"), ("
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    """The console table, each column as wide as its widest cell (long names keep it aligned);
-    failed rows show FAILED and their errors are listed below it."""
+    """The console table, each column as wide as its widest cell; failed rows show FAILED, their errors below."""
     cells = []
     for row in rows:
         record = row_record(row)
@@ -91,8 +85,7 @@ def results_format(path: str | Path, fmt: str = "") -> str:
 
 
 def write_results(rows: Sequence[Row], path: str | Path, fmt: str = "") -> None:
-    """Rows as CSV (RESULT_COLUMNS, empty cells for missing values) or as a JSON list of objects
-    (null for missing values), as results_format chooses; written atomically."""
+    """Rows as CSV (empty cells for missing values) or a JSON list (nulls), as results_format chooses; atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records = [row_record(row) for row in rows]

@@ -18,7 +18,7 @@ from hrnet_cls.models.weights import pick_state_dict, read_file, read_state_dict
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT, WEIGHTS, PRETRAINED = "checkpoint", "weights", "pretrained"  # where a spec's weights come from
+CHECKPOINT, WEIGHTS, PRETRAINED = "checkpoint", "weights", "pretrained"
 
 
 class SweepError(RuntimeError):
@@ -29,10 +29,10 @@ class SweepError(RuntimeError):
 class ModelSpec:
     """One set of weights to validate; describe() adds what they are (model, classes, preprocessing)."""
 
-    source: str  # CHECKPOINT | WEIGHTS | PRETRAINED
+    source: str  # where the weights come from: CHECKPOINT | WEIGHTS | PRETRAINED
     path: str = ""  # checkpoint or weights file as named on the command line ("" for pretrained)
     model: str = ""  # timm name; a checkpoint's is read from the file by describe()
-    desc: ModelDescription | None = None  # None until described
+    desc: ModelDescription | None = None
     error: str = ""  # why this spec cannot be validated ("" = fine so far)
     verified: bool | None = None  # the file matched its .sha256 (False: it has none); None: no file
 
@@ -50,10 +50,7 @@ class ModelSpec:
 
 
 def checkpoint_specs(args: Sequence[str]) -> list[ModelSpec]:
-    """--checkpoint arguments: files, glob patterns (sorted), directories (every *.pth, sorted).
-
-    A pattern or directory that finds nothing, like a missing file, becomes a failed spec.
-    """
+    """--checkpoint arguments: files, globs (sorted), directories (every *.pth, sorted); none found: a failed spec."""
     specs = []
     for arg in args:
         if os.path.isdir(arg):
@@ -68,10 +65,8 @@ def checkpoint_specs(args: Sequence[str]) -> list[ModelSpec]:
 
 
 def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
-    """--model arguments: timm names (with or without a pretrained tag), patterns
-    (``hrnet_w18*_c``), or ``local-dir:FOLDER`` (a timm model folder: config.json + weights, as
-    hrnet_cls.export writes it; never a pattern); each model loads ``weights`` when given, else
-    timm's pretrained weights (a folder's own weights for local-dir:)."""
+    """--model arguments: timm names (tag optional), patterns (``hrnet_w18*_c``) or ``local-dir:FOLDER`` (never a
+    pattern); each loads ``weights`` when given, else its pretrained weights (a folder's own for local-dir:)."""
     source = WEIGHTS if weights else PRETRAINED
     specs = []
     for pattern in patterns:
@@ -80,9 +75,6 @@ def model_specs(patterns: Sequence[str], weights: str = "") -> list[ModelSpec]:
         if not names:
             specs.append(ModelSpec(source, weights, model=pattern).failed("no timm model matches this pattern"))
     return specs
-
-
-# ---------------------------------------------------------------- describing specs
 
 
 def _describe_checkpoint(spec: ModelSpec, use_ema: bool) -> ModelDescription:
@@ -102,14 +94,11 @@ def _describe_model(spec: ModelSpec, use_ema: bool) -> ModelDescription:
 
 
 def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None = None) -> ModelSpec:
-    """The spec with model name, classes and default preprocessing filled in, or its error.
-
-    num_classes overrides what the checkpoint / weights / pretrained_cfg say.
-    """
+    """The spec with model name, classes (num_classes overrides) and default preprocessing filled in, or its error."""
     if spec.error:
         return spec
     try:
-        verified = verify(spec.path) if spec.path else None  # a mismatch is this row's error
+        verified = verify(spec.path) if spec.path else None
         desc = (_describe_checkpoint if spec.source == CHECKPOINT else _describe_model)(spec, use_ema)
         desc = dataclasses.replace(desc, num_classes=num_classes or desc.num_classes)
         return dataclasses.replace(spec, model=desc.model, desc=desc, verified=verified)
@@ -118,8 +107,7 @@ def describe(spec: ModelSpec, *, use_ema: bool = False, num_classes: int | None 
 
 
 def merge_errors(per_rank: list[list[str]]) -> list[str]:
-    """Each rank's error texts for the same rows -> one list: a row failed if it failed on
-    any rank; the text says on which ranks when not on all."""
+    """Each rank's error texts for the same rows -> one list: failed on any rank, naming the ranks when not all."""
     merged = []
     for texts in zip(*per_rank):
         failed = [rank for rank, text in enumerate(texts) if text]
@@ -151,9 +139,6 @@ def describe_all(specs: Sequence[ModelSpec], *, use_ema: bool = False,
     return out
 
 
-# ---------------------------------------------------------------- rows
-
-
 @dataclass(frozen=True)
 class Preprocess:
     """Everything that determines a decoded batch: rows sharing it share their batches."""
@@ -167,14 +152,13 @@ class Preprocess:
 
 @dataclass
 class Row:
-    """One (weights, img_size, crop_pct) and its results; the fields after crop_pct stay
-    None until validated (and after a failure)."""
+    """One (weights, img_size, crop_pct); the results after crop_pct stay None until validated or on failure."""
 
     spec: ModelSpec
     img_size: int | None
     crop_pct: float | None
-    top1: float | None = None  # percent
-    top5: float | None = None  # percent
+    top1: float | None = None  # percent, as top5
+    top5: float | None = None
     samples: int | None = None  # samples validated, all ranks together
     skipped: int | None = None  # bad samples (unreadable, undecodable, bad label) left out
     expected_samples: int | None = None  # samples the shards hold per _info.json (or counted)
@@ -182,7 +166,7 @@ class Row:
     gmacs: float | None = None  # conv + linear multiply-adds per image at img_size / 2^30 (the paper's "GFLOPs")
     images_per_s: float | None = None  # forward throughput of this model, decoding excluded
     loss: float | None = None  # mean cross-entropy
-    precision: str = ""  # the autocast dtype it ran in: bf16 | fp16 | fp32
+    precision: str = ""
     device: str = ""
     error: str = ""
 
