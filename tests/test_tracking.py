@@ -266,7 +266,7 @@ def test_online_without_key_never_prompts_on_a_terminal(tmp_path, wandb_env, mon
     code = ("from hrnet_cls.config import Config\nfrom hrnet_cls.train.checkpointer import Checkpointer\n"
             "from hrnet_cls.train.tracking import Tracker\n"
             "cfg = Config()\ncfg.wandb.mode = 'online'\n"
-            "print('run:', tracker_for(cfg, 'out', is_main=True).run, flush=True)\n")
+            "print('run:', Tracker(cfg.wandb, Checkpointer(cfg.checkpoint, recipe=cfg)).run, flush=True)\n")
     primary, secondary = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=secondary, stdout=secondary, stderr=secondary,
                             cwd=tmp_path)
