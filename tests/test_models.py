@@ -156,6 +156,23 @@ def test_grad_checkpointing_gives_identical_gradients_and_buffers():
         assert torch.equal(b, c), name  # BN running stats updated once, not twice
 
 
+@pytest.mark.slow  # a dynamo + AOT autograd trace of the whole model: ~30 s
+def test_grad_checkpointing_under_compile_trains_and_updates_batchnorm_once():
+    """train.compile with model.grad_checkpointing: dynamo refuses checkpoint's context_fn, so the
+    compiled forward takes the plain checkpoint, whose recompute must not update BN twice."""
+    torch.manual_seed(0)
+    plain = tiny()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    F.cross_entropy(plain(x), y).backward()
+    F.cross_entropy(torch.compile(ckpt, backend="aot_eager", fullgraph=True)(x), y).backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-5, atol=1e-6, msg=name)  # num_batches_tracked 1, not 2
+
+
 def test_internal_nhwc_layout_matches_nchw_and_any_input_layout():
     torch.manual_seed(0)
     nhwc = calibrated(tiny())
