@@ -23,6 +23,7 @@ from hrnet_cls.train.state import (
     capture_rng,
     git_commit,
     load_checkpoint,
+    own_cuda_state,
     restore_rng,
     restore_state,
     save_checkpoint,
@@ -101,6 +102,18 @@ def test_restore_state_and_rng(tmp_path, model) -> None:
     assert (random.random(), np.random.rand(), torch.rand(1)) == expected
     assert same_weights(fresh.state_dict(), model.state_dict())
     assert fresh_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+
+
+def test_cuda_rng_is_the_current_devices_and_old_per_device_lists_still_restore() -> None:
+    """A checkpoint from a 1x8 node held 8 CUDA states per rank; a 2x4 node has 4 visible devices:
+    each process restores its own device's state, never all of them (set_rng_state_all raised)."""
+    states = [torch.full((16,), d, dtype=torch.uint8) for d in range(8)]
+    assert torch.equal(own_cuda_state(states, 1), states[1])  # this process's device in the old list
+    assert own_cuda_state(states[:2], 3) is None  # not saved: its draws start afresh
+    assert own_cuda_state(states[5], 3) is states[5]  # today's: the saving process's own device
+    assert own_cuda_state(None, 0) is None
+    assert capture_rng()["cuda"] is None  # no CUDA in this process: nothing saved, nothing initialised
+    restore_rng({**capture_rng(), "cuda": states})  # an old 8-device list restores here too
 
 
 def test_rng_capture_restore_is_exact() -> None:

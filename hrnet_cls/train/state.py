@@ -78,14 +78,23 @@ def git_commit(repo: Path = REPO_ROOT) -> str | None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """This process's RNG states, as builtins and tensors (weights_only-loadable)."""
+    """This process's RNG states, as builtins and tensors (weights_only-loadable); on CUDA the current
+    device's generator only, so any layout of visible devices can restore it."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],  # querying would initialise it
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,  # querying would initialise it
     }
+
+
+def own_cuda_state(saved: Any, device: int) -> torch.Tensor | None:
+    """The CUDA generator state to give the current ``device``: the one saved, or from a checkpoint that
+    saved every visible device's (a list; before 2026-12-08) the entry of this device index, if any."""
+    if isinstance(saved, (list, tuple)):
+        return saved[device] if device < len(saved) else None
+    return saved
 
 
 def restore_rng(rng: Mapping[str, Any]) -> None:
@@ -94,8 +103,10 @@ def restore_rng(rng: Mapping[str, Any]) -> None:
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    if torch.cuda.is_available():
+        cuda = own_cuda_state(rng.get("cuda"), torch.cuda.current_device())
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def _as_tuple(value: Any) -> Any:
