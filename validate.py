@@ -13,7 +13,7 @@ import sys
 import torch
 
 from hrnet_cls.data import expand_urls
-from hrnet_cls.distributed import barrier, cleanup, init_distributed
+from hrnet_cls.distributed import barrier, choose_device, cleanup, init_distributed
 from hrnet_cls.precision import PRECISIONS, Precision
 from hrnet_cls.validation import (RESULT_FORMATS, Row, SweepError, SweepSettings, build_rows, checkpoint_specs,
                                   describe_all, expected_samples, format_table, model_specs, run_sweep, write_results)
@@ -77,14 +77,6 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError(f"--num-classes must be >= 1, got {args.num_classes}")
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    """--device, with a bare 'cuda' meaning this process's GPU under torchrun."""
-    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested}: CUDA is not available")
-    return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     env_rank = int(os.environ.get("RANK", "0"))
@@ -94,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_usage(args)
         shards = expand_urls(args.data)
-        device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        device = choose_device(args.device, int(os.environ.get("LOCAL_RANK", "0")),
+                               int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), "--device")
         precision = Precision.of(args.precision, device)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # UsageError is a ValueError
         if env_rank == 0:
@@ -105,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = SweepSettings(tuple(shards), expected, source, args.batch_size, args.workers, device, precision,
                              args.channels_last, args.use_ema, args.max_models_per_pass, not args.no_fold_bn,
                              args.compile)
-    dist_info = init_distributed()
+    dist_info = init_distributed(device=device)  # the backend follows the device: gloo for cpu, NCCL for its GPU
     try:
         specs = checkpoint_specs(args.checkpoint) + model_specs(args.model, args.weights)
         specs = describe_all(specs, use_ema=args.use_ema, num_classes=args.num_classes)

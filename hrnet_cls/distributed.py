@@ -24,13 +24,29 @@ class DistInfo:
     control_group: Any = field(default=None, compare=False)  # gloo group for CPU-side agreement; None alone
 
 
-def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
-    """Join the process group torchrun describes (env://; none at WORLD_SIZE unset or 1): NCCL with CUDA, else gloo.
+def choose_device(requested: str, local_rank: int, world_size: int, cuda: bool, what: str = "device") -> torch.device:
+    """The device of this process: ``requested`` ("" = cuda:LOCAL_RANK when ``cuda`` is available, else
+    cpu; a bare "cuda" = cuda:LOCAL_RANK). Under torchrun a GPU other than LOCAL_RANK's is refused:
+    NCCL binds each rank to its own. Raises ValueError with one line."""
+    device = torch.device(requested or ("cuda" if cuda else "cpu"))
+    if device.type == "cuda" and not cuda:
+        raise ValueError(f"{what} {requested}: CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    if device.type == "cuda" and world_size > 1 and device.index != local_rank:
+        raise ValueError(f"{what} {requested}: under torchrun each rank uses its own GPU (cuda:LOCAL_RANK, here "
+                         f"cuda:{local_rank}); give 'cuda' or leave the device out")
+    return device
+
+
+def init_distributed(timeout_s: float = 1800.0, device: torch.device | None = None) -> DistInfo:
+    """Join the process group torchrun describes (env://; none at WORLD_SIZE unset or 1) on ``device``
+    (default: choose_device's): NCCL when it is a GPU, else gloo, so collectives get its tensors.
     timeout_s bounds a collective's wait for a stuck rank; the gloo control group carries CPU-side agreements."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = device or choose_device("", local_rank, world_size, torch.cuda.is_available())
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():

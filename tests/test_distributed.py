@@ -66,3 +66,20 @@ def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
         assert res["buffers"] == [1.0, 1.0]  # rank 0's statistics everywhere
         assert res["gathered"] == [{"r": 0}, {"r": 1}]
         assert res["broadcast"] == "from rank 0"
+
+
+def test_one_device_decision_names_the_gpu_of_each_rank() -> None:
+    """validate.py and train.py take the device and the backend from one decision: a CPU device under
+    torchrun on a GPU node gets gloo, and a GPU other than the rank's own is refused before NCCL
+    is bound to cuda:LOCAL_RANK (cuda=True stands for a GPU node; the decision reads nothing else)."""
+    choose = distributed.choose_device
+    assert choose("", 1, 2, cuda=True) == torch.device("cuda", 1)
+    assert choose("cuda", 3, 4, cuda=True) == torch.device("cuda", 3)
+    assert choose("cpu", 1, 2, cuda=True) == torch.device("cpu")
+    assert choose("cuda:1", 0, 1, cuda=True) == torch.device("cuda", 1)  # one process: any GPU
+    assert choose("cuda:1", 1, 2, cuda=True) == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match=r"^--device cuda:1: under torchrun each rank uses its own GPU .*cuda:0"):
+        choose("cuda:1", 0, 2, cuda=True, what="--device")
+    assert choose("", 0, 2, cuda=False) == torch.device("cpu")
+    with pytest.raises(ValueError, match="^device cuda: CUDA is not available"):
+        choose("cuda", 0, 1, cuda=False)
