@@ -168,3 +168,29 @@ def test_the_lr_of_a_sample_does_not_depend_on_the_global_batch() -> None:
     assert small[7] == large[1] == pytest.approx(0.1)  # the step ending epoch 0
     assert small[3] == large[0] == pytest.approx(0.05)  # both end at half an epoch
     assert small[8:] == [pytest.approx(0.01)] * 8 and large[2:] == [pytest.approx(0.01)] * 2
+
+
+def test_the_ema_over_prebuilt_lists_equals_timms_model_ema_v3() -> None:
+    """ListEma keeps ModelEmaV3's update (foreach lerp of float tensors, copies of the rest) but builds
+    its tensor lists once; after steps that change weights and BN buffers the two are bit-identical,
+    and a state loaded into the EMA in place (a resume) is followed, not a stale copy."""
+    from timm.utils import ModelEmaV3
+
+    from hrnet_cls.train.optim import ListEma
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    ours, timms = ListEma(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.randint(0, 10, (4,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ours.update(model)
+        timms.update(model)
+        if step == 0:  # a resume loads the EMA weights in place
+            ours.module.load_state_dict(model.state_dict())
+            timms.module.load_state_dict(model.state_dict())
+    a, b = ours.module.state_dict(), timms.module.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert int(a["bn1.num_batches_tracked"]) == 3 and not torch.equal(a["conv1.weight"], model.state_dict()["conv1.weight"])

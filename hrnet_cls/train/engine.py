@@ -14,13 +14,12 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
 from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
-from hrnet_cls.train.optim import NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
+from hrnet_cls.train.optim import ListEma, NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
 from hrnet_cls.train.preemption import StopRequest
 from hrnet_cls.train.state import EpochSums
@@ -57,7 +56,7 @@ class TrainParts:
     precision: Precision  # resolved: bf16 | fp16 | fp32
     scaler: torch.amp.GradScaler  # loss scaling; enabled for fp16 only
     autocast: AbstractContextManager  # torch.autocast(device, dtype); disabled for fp32
-    ema: ModelEmaV3 | NoEma  # update(net) after every step
+    ema: ListEma | NoEma  # update(net) after every step
     device: torch.device
     memory_format: torch.memory_format  # of the input batches: channels_last or contiguous
     world_size: int  # processes; images per step = batch x world_size

@@ -17,20 +17,19 @@ from hrnet_cls.timing import Stopwatch
 
 
 def accuracy_counts(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1, 5)) -> torch.Tensor:
-    """int64 [top-k hits for each k (k > C counts as C), samples] on the logits' device; logits (N, C), targets (N,)."""
+    """int64 [top-k hits for each k (k > C counts as C)] on the logits' device; logits (N, C), targets (N,)."""
     maxk = min(max(topk), logits.shape[1])
     hits = logits.topk(maxk, dim=1).indices.eq(targets.view(-1, 1))  # (N, maxk)
-    counts = [hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]
-    counts.append(torch.tensor(targets.shape[0], device=logits.device))
-    return torch.stack(counts).to(torch.int64)
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in topk]).to(torch.int64)
 
 
 @dataclass
 class Tally:
     """One process's sums for the models of one stream (before the reduction)."""
 
-    counts: torch.Tensor  # int64 (models, 3): top-1 hits, top-5 hits, samples
-    loss_sum: torch.Tensor  # float64 (models,): summed cross-entropy
+    hits: torch.Tensor  # int64 (models, 2) on the device: top-1, top-5
+    loss_sum: torch.Tensor  # float64 (models,) on the device: summed cross-entropy
+    samples: list[int]  # per model, counted on the host (no copy to the device per batch)
     seconds: list[float]  # forward time per model (0 unless timed)
     errors: list[str]  # per model; "" = fine
     decoded: int = 0  # samples fed
@@ -55,9 +54,9 @@ def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device
 
     timed: synchronise after each forward to time it (host and device no longer overlap). catch: a model that
     raises stops with its error kept, the others go on, a loader error fails all; else errors propagate."""
-    tally = Tally(torch.zeros(len(models), 3, dtype=torch.int64, device=device),
+    tally = Tally(torch.zeros(len(models), 2, dtype=torch.int64, device=device),
                   torch.zeros(len(models), dtype=torch.float64, device=device),
-                  [0.0] * len(models), [""] * len(models))
+                  [0] * len(models), [0.0] * len(models), [""] * len(models))
     try:
         for images, targets, bad in batches:
             tally.skipped += int(bad)
@@ -84,7 +83,8 @@ def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: tor
             with watch, torch.inference_mode(), precision.autocast():
                 logits = model(images).float()
                 tally.loss_sum[i] += F.cross_entropy(logits, targets, reduction="sum")
-                tally.counts[i] += accuracy_counts(logits, targets)
+                tally.hits[i] += accuracy_counts(logits, targets)
+            tally.samples[i] += len(targets)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at this size: this model only
             if not catch:
                 raise
@@ -94,11 +94,11 @@ def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: tor
 
 def reduce(tally: Tally) -> Totals:
     """Sum a tally over processes: one all_reduce for the integer counts, one for the losses."""
-    n = tally.counts.shape[0]
-    extra = torch.tensor([tally.decoded, tally.skipped], dtype=torch.int64, device=tally.counts.device)
-    ints = all_reduce_sum(torch.cat([tally.counts.flatten(), extra])).tolist()
+    n = tally.hits.shape[0]
+    host = torch.tensor([*tally.samples, tally.decoded, tally.skipped], dtype=torch.int64, device=tally.hits.device)
+    ints = all_reduce_sum(torch.cat([tally.hits.flatten(), host])).tolist()
     losses = all_reduce_sum(tally.loss_sum.clone()).tolist()
-    counts = [ints[3 * i:3 * i + 3] for i in range(n)]
+    counts = [[*ints[2 * i:2 * i + 2], ints[2 * n + i]] for i in range(n)]
     metrics = []
     for (top1, top5, samples), loss in zip(counts, losses):
         d = max(samples, 1)
