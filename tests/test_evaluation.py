@@ -99,3 +99,16 @@ def test_evaluate_counts_every_sample_once_exactly() -> None:
                        device=CPU, precision=FP32)
     assert (workers["val_top1"], workers["val_top5"], workers["val_samples"]) == (got["val_top1"], got["val_top5"], 360)
     assert not model.training
+
+
+def test_a_compiled_models_throughput_leaves_out_each_shapes_first_batch() -> None:
+    """validate.py --compile: the first batch of a shape compiles (and a worker's short last batch
+    recompiles); neither is throughput, so the time covers the batches after them only."""
+    torch.manual_seed(0)
+    model = torch.compile(nn.Sequential(nn.Flatten(), nn.Linear(12, 3)), backend="eager")
+    images = torch.zeros(8, 3, 2, 2)
+    stream = [(images, torch.zeros(8, dtype=torch.int64), 0)] * 3 + [(images[:3], torch.zeros(3, dtype=torch.int64), 0)]
+    tally = feed([model], stream, device=CPU, precision=FP32, timed=True, compiled=True)
+    assert (tally.samples, tally.timed_samples) == ([27], [16])  # counted: all 27; timed: batches 2 and 3
+    eager = feed([model], stream, device=CPU, precision=FP32, timed=True)
+    assert eager.timed_samples == [27]

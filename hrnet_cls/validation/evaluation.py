@@ -32,6 +32,8 @@ class Tally:
     samples: list[int]  # per model, counted on the host (no copy to the device per batch)
     seconds: list[float]  # forward time per model (0 unless timed)
     errors: list[str]  # per model; "" = fine
+    timed_samples: list[int] = field(default_factory=list)  # per model: the samples ``seconds`` covers
+    shapes: list[set] = field(default_factory=list)  # per model: the batch shapes it has run
     decoded: int = 0  # samples fed
     skipped: int = 0  # bad samples the loader reported
 
@@ -49,20 +51,22 @@ class Totals:
 
 def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device, precision: Precision,
          memory_format: torch.memory_format = torch.contiguous_format, timed: bool = False,
-         catch: bool = False) -> Tally:
+         catch: bool = False, compiled: bool = False) -> Tally:
     """Run every batch ``(images (B,3,S,S), targets (B,), skipped)`` through every model.
 
-    timed: synchronise after each forward to time it (host and device no longer overlap). catch: a model that
-    raises stops with its error kept, the others go on, a loader error fails all; else errors propagate."""
+    timed: synchronise after each forward to time it (host and device no longer overlap); ``compiled``: the first
+    batch of each shape (a compile) is left out of the time. catch: a model that raises stops with its error
+    kept, the others go on, a loader error fails all; else errors propagate."""
     tally = Tally(torch.zeros(len(models), 2, dtype=torch.int64, device=device),
                   torch.zeros(len(models), dtype=torch.float64, device=device),
-                  [0] * len(models), [0.0] * len(models), [""] * len(models))
+                  [0] * len(models), [0.0] * len(models), [""] * len(models), [0] * len(models),
+                  [set() for _ in models])
     try:
         for images, targets, bad in batches:
             tally.skipped += int(bad)
             tally.decoded += len(targets)
             if len(targets):  # an empty batch only reports bad samples
-                _forward_all(models, images, targets, tally, device, precision, memory_format, timed, catch)
+                _forward_all(models, images, targets, tally, device, precision, memory_format, timed, catch, compiled)
     except Exception as exc:  # noqa: BLE001 - the loader failed: every model of the stream fails
         if not catch:
             raise
@@ -72,7 +76,7 @@ def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device
 
 def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: torch.Tensor, tally: Tally,
                  device: torch.device, precision: Precision, memory_format: torch.memory_format,
-                 timed: bool, catch: bool) -> None:
+                 timed: bool, catch: bool, compiled: bool) -> None:
     images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
     targets = targets.to(device, non_blocking=True)
     for i, model in enumerate(models):
@@ -89,7 +93,11 @@ def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: tor
             if not catch:
                 raise
             tally.errors[i] = f"forward failed: {one_line(exc)}"
-        tally.seconds[i] += watch.seconds if timed else 0.0
+        compiling = compiled and images.shape not in tally.shapes[i]
+        tally.shapes[i].add(images.shape)
+        if timed and not compiling:
+            tally.seconds[i] += watch.seconds
+            tally.timed_samples[i] += len(targets)
 
 
 def reduce(tally: Tally) -> Totals:

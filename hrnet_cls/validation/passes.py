@@ -112,7 +112,7 @@ def _load_pass(rows: Sequence[Row], settings: SweepSettings, macs: dict[tuple, i
 def _finish(rows: Sequence[Row], tally: Tally, settings: SweepSettings) -> tuple[int, int]:
     """Sum the tallies over ranks, agree on failures, fill the rows; (decoded, skipped) of all ranks."""
     totals = reduce(tally)
-    views = all_gather_object((tally.errors, tally.seconds))
+    views = all_gather_object((tally.errors, tally.seconds, tally.timed_samples))
     errors = merge_errors([v[0] for v in views])
     for i, row in enumerate(rows):
         if errors[i]:  # partial counts would read like a result: leave the numbers empty
@@ -120,9 +120,10 @@ def _finish(rows: Sequence[Row], tally: Tally, settings: SweepSettings) -> tuple
             continue
         top1, top5, n = totals.counts[i]
         seconds = max(v[1][i] for v in views)  # ranks run side by side: the slowest one sets the pace
+        timed = sum(v[2][i] for v in views)  # compiled: without each shape's first batch (its compile)
         row.samples, row.skipped, row.expected_samples = n, totals.skipped, settings.expected_samples
         row.top1, row.top5 = (100.0 * top1 / n, 100.0 * top5 / n) if n else (None, None)
-        row.images_per_s = n / seconds if n and seconds > 0 else None
+        row.images_per_s = timed / seconds if timed and seconds > 0 else None
         row.loss = totals.loss_sum[i] / n if n else None
         row.precision, row.device = settings.precision.name, str(settings.device)
         if n + totals.skipped != settings.expected_samples:
@@ -156,7 +157,7 @@ def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
     batches = _batches(settings, prep, dist_info) if live else []
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     tally = feed([model for _, model in live], batches, device=settings.device, precision=settings.precision,
-                 memory_format=memory_format, timed=True, catch=True)
+                 memory_format=memory_format, timed=True, catch=True, compiled=settings.compile)
     decoded, skipped = _finish([row for row, _ in live], tally, settings)
     return PassStats(prep, len(live), decoded, skipped, time.perf_counter() - start)
 
