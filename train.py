@@ -162,8 +162,8 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
                 models = {k: m for k, m in (("val", parts.net), ("ema", parts.ema.module)) if m is not None}
                 for model in models.values():
                     broadcast_buffers(model)  # every rank validates (and trains on from) rank 0's BN statistics
-                val = evaluate(models, val_loader, device=parts.device, precision=parts.precision,
-                               memory_format=parts.memory_format)
+                val = evaluate(models, val_loader, normalize=val_loader.normalize, device=parts.device,
+                               precision=parts.precision, memory_format=parts.memory_format)
             last = val or last
             row = {**trained.metrics(), **val, "epoch_time_s": trained.train_time_s + time.perf_counter() - began,
                    "checkpoint_s": run.take_seconds(), "skipped": trained.skipped + val.get("val_skipped", 0)}

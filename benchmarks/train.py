@@ -34,7 +34,8 @@ from torch import nn
 
 from hrnet_cls import MODEL_CFGS  # importing hrnet_cls registers the models
 from hrnet_cls.config import Config
-from hrnet_cls.data import expand_urls, read_info, shard_lengths
+from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, expand_urls, read_info, shard_lengths
+from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import DistInfo
 from hrnet_cls.train.engine import TrainParts, build_parts, train_one_epoch
 from hrnet_cls.precision import Precision
@@ -71,6 +72,7 @@ class Batches(list):
     """In-memory batches with the TrainLoader interface train_one_epoch uses."""
 
     batches_per_epoch = property(len)
+    normalize = Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)  # uint8 -> float32 on the device, as the loader's
 
     def progress(self, batch: int) -> tuple[float, float]:
         return batch / len(self), (batch + 1) / len(self)
@@ -102,7 +104,7 @@ def epoch(parts: TrainParts, loader: Any) -> Any:
 
 def bare_pass(parts: TrainParts, batches: Batches) -> None:
     for images, targets, *_ in batches:
-        images = images.to(parts.device, non_blocking=True, memory_format=parts.memory_format)
+        images = batches.normalize(images.to(parts.device, non_blocking=True), parts.memory_format)
         with parts.autocast:
             loss = parts.criterion(parts.model(images), targets.to(parts.device, non_blocking=True))
         parts.optimizer.zero_grad(set_to_none=True)
@@ -126,7 +128,7 @@ def cuda_syncs(parts: TrainParts, batches: Batches) -> int:
 def overhead(name: str, args: argparse.Namespace) -> dict[str, Any]:
     device, n2 = torch.device(args.device), max(args.steps, 2)
     n1 = n2 // 2
-    data = [(torch.randn(args.batch, 3, args.img_size, args.img_size, device=device),
+    data = [(torch.randint(0, 256, (args.batch, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device),
              torch.randint(0, 10, (args.batch,), device=device), 0, np.arange(args.batch)) for _ in range(n2)]
     batches, parts = {n: Batches(data[:n]) for n in (n1, n2)}, make_parts(name, args)
     timed = harness.measure({"bare": lambda: bare_pass(parts, batches[n2]),

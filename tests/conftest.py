@@ -218,10 +218,11 @@ def id_png(i: int, size: int = 16) -> bytes:
 
 
 def ids_of(images: torch.Tensor) -> list[int]:
-    """Sample ids back from normalised (B, 3, H, W) flat-colour images."""
-    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3)
-    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3)
-    levels = ((images[:, :, 0, 0] * std + mean) * 255 - 8) / 16
+    """Sample ids back from (B, 3, H, W) flat-colour images: uint8 as the loaders yield them, or normalised."""
+    pixels = images[:, :, 0, 0].float()
+    if images.is_floating_point():
+        pixels = (pixels * torch.tensor(IMAGENET_DEFAULT_STD) + torch.tensor(IMAGENET_DEFAULT_MEAN)) * 255
+    levels = (pixels - 8) / 16
     digits = levels.round().long()
     return (digits[:, 0] * 256 + digits[:, 1] * 16 + digits[:, 2]).tolist()
 

@@ -14,16 +14,19 @@ from conftest import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, NUM_CLASSES, 
 from hrnet_cls.data import LabelError, build_train_loader, build_val_loader
 
 
-def test_batches_are_normalised_float_with_int64_targets(tmp_path: Path) -> None:
+def test_batches_are_uint8_normalised_on_the_device_with_int64_targets(tmp_path: Path) -> None:
     grey = io.BytesIO()
     Image.new("RGB", (20, 20), (128, 128, 128)).save(grey, "PNG")
     urls = write_shards(tmp_path, "train", [[(f"g{i}", {"png": grey.getvalue(), "cls": b"3"}) for i in range(4)]])
     images, targets, skipped, positions = epoch_batches(urls, batch_size=4, img_size=8)[0]
-    assert images.dtype == torch.float32 and images.shape == (4, 3, 8, 8)
+    assert images.dtype == torch.uint8 and images.shape == (4, 3, 8, 8) and (images == 128).all()
     assert targets.dtype == torch.int64 and targets.tolist() == [3] * 4 and skipped == 0
     assert sorted(positions.tolist()) == [0, 1, 2, 3]  # one shard: positions are its sample indices
     expected = (128 / 255 - torch.tensor(IMAGENET_DEFAULT_MEAN)) / torch.tensor(IMAGENET_DEFAULT_STD)
-    assert torch.allclose(images, expected.view(1, 3, 1, 1).expand_as(images), atol=1e-5)
+    loader = build_train_loader(urls, batch_size=4, img_size=8, seed=0, epoch=0, workers=0)
+    normalised = loader.normalize(images, torch.channels_last)  # as the train step does after the copy
+    assert normalised.dtype == torch.float32 and normalised.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(normalised, expected.view(1, 3, 1, 1).expand_as(normalised), atol=1e-5)
 
 
 def test_epoch_order_is_deterministic_differs_across_epochs_and_repeats_nothing(tmp_path: Path) -> None:

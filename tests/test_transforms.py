@@ -12,7 +12,7 @@ from timm.data import create_transform
 
 from conftest import jpeg, write_shards
 from hrnet_cls.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, build_val_loader
-from hrnet_cls.data.transforms import Normalizer, eval_crop, eval_resize
+from hrnet_cls.data.transforms import Normalize, eval_crop, eval_resize
 from hrnet_cls.data import transforms
 
 # (img_size, crop_pct) pairs where round() and floor() of img_size / crop_pct differ, and two where they agree
@@ -32,10 +32,9 @@ def photo(seed: int, size: tuple[int, int]) -> bytes:
 
 
 def ours(data: bytes, size: int, crop: float, interpolation: str) -> torch.Tensor:
-    out = torch.empty(3, size, size)
-    Normalizer(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(eval_crop(data, size, eval_resize(size, crop),
-                                                                      interpolation=interpolation), out)
-    return out
+    """Our evaluation crop (uint8, from a worker) normalised as on the device (the CPU here)."""
+    pixels = eval_crop(data, size, eval_resize(size, crop), interpolation=interpolation)
+    return Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(pixels[None])[0]
 
 
 def timms(data: bytes, size: int, crop: float, interpolation: str) -> torch.Tensor:
@@ -66,7 +65,21 @@ def test_the_val_loader_yields_timms_tensors(tmp_path) -> None:
                for i in range(6)]
     urls = write_shards(tmp_path, "val", [samples[:4], samples[4:]])
     for size, crop in [(224, 0.95), (128, 0.9)]:
-        images = torch.cat([b[0] for b in build_val_loader(urls, batch_size=4, img_size=size, crop_pct=crop,
-                                                           workers=0)])
+        loader = build_val_loader(urls, batch_size=4, img_size=size, crop_pct=crop, workers=0)
+        images = loader.normalize(torch.cat([b[0] for b in loader]))  # uint8 from the workers, normalised on the device
         expected = torch.stack([timms(s[1]["jpg"], size, crop, "bilinear") for s in samples])
         assert torch.equal(images, expected)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_device_normalisation_is_torchvisions_to_tensor_and_normalize_bit_for_bit(layout) -> None:
+    """The loaders ship uint8; the train step and evaluation normalise after the copy to the device. The
+    values are those ToTensor + Normalize give each image (what the workers computed before)."""
+    import torchvision.transforms.functional as TF
+
+    batch = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)(batch, layout)
+    for image, out in zip(batch, got):
+        expected = TF.normalize(TF.to_tensor(image.permute(1, 2, 0).numpy()), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        assert torch.equal(out, expected)
+    assert got.is_contiguous(memory_format=layout)

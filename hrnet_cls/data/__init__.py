@@ -1,6 +1,6 @@
 """Input pipelines over webdataset shards: ``sources`` (shard lists, _info.json, checked samples), ``transforms``
 (decode, crop, normalise), ``train_loader`` / ``val_loader`` (docs/design.md §5.3-§5.5, pitfalls §4), ``workers``.
-Evaluation batches are ``(images, targets, skipped)``: float32 (B, 3, S, S), int64 (B,), bad samples skipped since
+Evaluation batches are ``(images, targets, skipped)``: uint8 (B, 3, S, S) (``loader.normalize`` on the device), int64 (B,), bad samples skipped since
 the worker's previous batch; training batches add positions, int64 (B,). A label out of range raises LabelError."""
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from hrnet_cls.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     DecodeError,
-    Normalizer,
+    Normalize,
     sample_rng,
     train_crop,
 )
@@ -154,28 +154,29 @@ def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[R
         yield f"{key}#{n + 1}", data, target, -1
 
 
-def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan,
-                        normalize: Normalizer) -> tuple[torch.Tensor, torch.Tensor, list[int], np.ndarray]:
-    """(images (B, 3, S, S), targets (B,), positions that failed to decode, positions (B,)); only DecodeError caught."""
-    images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size)
+def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan) -> tuple[torch.Tensor, torch.Tensor, list[int],
+                                                                         np.ndarray]:
+    """(images uint8 (B, 3, S, S), targets (B,), positions that failed to decode, positions (B,)); only DecodeError
+    caught."""
+    images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size, dtype=torch.uint8)
     targets = torch.tensor([raw[2] for raw in chunk], dtype=torch.int64)
     positions = np.array([raw[3] for raw in chunk], dtype=np.int64)
     kw = dict(scale=plan.scale, ratio=plan.ratio, hflip=plan.hflip, interpolation=plan.interpolation)
     good, failed = [], []
     for i, (key, data, _, _) in enumerate(chunk):
         try:
-            normalize(train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw), images[i])
+            images[i] = train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw)
             good.append(i)
         except DecodeError as exc:
             warn("sample %s: %s; replaced by another of its batch", key, exc)
             failed.append(i)
     for n, i in enumerate(failed):
         if not good:  # the whole batch is undecodable: black images keep the batch shape
-            normalize(torch.zeros(3, plan.img_size, plan.img_size, dtype=torch.uint8), images[i])
+            images[i] = 0
             continue
         key, data, target, _ = chunk[good[n % len(good)]]
         rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
-        normalize(train_crop(data, plan.img_size, rng, **kw), images[i])
+        images[i] = train_crop(data, plan.img_size, rng, **kw)
         targets[i] = target
     return images, targets, [int(p) for p in positions[failed] if p >= 0], positions
 
@@ -185,7 +186,6 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
     skipped = SkipCounter()
     rng = sample_rng(plan.seed, plan.epoch, plan.rank, slot, "buffer")
     stream = shuffle_buffer(_slot_stream(plan, slot, skipped), plan.buffer, rng)
-    normalize = Normalizer(plan.mean, plan.std)
     first = max(0, -(-(plan.start_batch - slot) // plan.slots))  # local batches before start_batch
     if slot == 0 and plan.rank == 0 and not plan.exclude:
         for url, n in plan.short:  # charged to the epoch's batch 0, once over all ranks
@@ -195,7 +195,7 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
         if local < first:
             skipped.take()  # cut from raw bytes, never decoded: its skips were reported before the resume
             continue
-        images, targets, failed, positions = _decode_train_batch(chunk, plan, normalize)
+        images, targets, failed, positions = _decode_train_batch(chunk, plan)
         for position in failed:
             skipped.add(plan.shard_of(position))
         bad, by_shard = skipped.take()
@@ -221,6 +221,7 @@ class TrainLoader:
 
     def __init__(self, plan: TrainPlan, workers: int, pin_memory: bool = False) -> None:
         self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
+        self.normalize = Normalize(plan.mean, plan.std)  # on the device, after the batch's copy there
         self.consumed = plan.excluded()
         self.bad_shards: collections.Counter = collections.Counter()  # bad samples per shard, handed out so far
 

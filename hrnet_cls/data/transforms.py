@@ -1,4 +1,4 @@
-"""Decode one encoded image into a uint8 crop, and normalise it into a batch slot. Train: RandomResizedCrop + flip,
+"""Decode one encoded image into a uint8 crop; normalise uint8 batches on their device. Train: RandomResizedCrop + flip,
 the box chosen from the header, a draft-scale decode, a torch resize; eval: timm's eval transform pixel for pixel.
 Which decoder runs: docs/design.md §5.5, §4.10; speed: BENCHMARKS.md (input pipeline)."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - a platform without its wheel: PIL decodes every image
     simplejpeg = None
 
-__all__ = ["DecodeError", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalizer", "draft_factor", "eval_crop",
+__all__ = ["DecodeError", "IMAGENET_DEFAULT_MEAN", "IMAGENET_DEFAULT_STD", "Normalize", "draft_factor", "eval_crop",
            "eval_resize", "random_resized_crop_box", "sample_rng", "train_crop"]
 
 INTERPOLATIONS = ("bilinear", "bicubic")
@@ -239,13 +239,19 @@ def eval_crop(data: bytes, size: int, resize: int, *, interpolation: str = "bili
     return torch.from_numpy(crop.copy()).permute(2, 0, 1)
 
 
-class Normalizer:
-    """Writes (uint8 / 255 - mean) / std into a float32 batch slot with ToTensor + Normalize's float ops."""
+class Normalize:
+    """uint8 (B, 3, H, W) batches -> float32 (x / 255 - mean) / std, on the batch's device after its copy there,
+    with ToTensor + Normalize's float ops: timm's CPU values bit for bit (docs/design.md §5.5). The loaders ship
+    uint8 (a quarter of float32's bytes through shared memory, pinning and PCIe, no float math in the workers)."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # made once per device
 
-    def __call__(self, image: torch.Tensor, out: torch.Tensor) -> None:
-        """image: (3, H, W) uint8; out: (3, H, W) float32, overwritten."""
-        out.copy_(image).div_(255).sub_(self.mean).div_(self.std)
+    def __call__(self, images: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+                 ) -> torch.Tensor:
+        if images.device not in self._on:
+            self._on[images.device] = tuple(torch.tensor(v, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+                                            for v in (self.mean, self.std))
+        mean, std = self._on[images.device]
+        return images.contiguous(memory_format=memory_format).float().div_(255).sub_(mean).div_(std)

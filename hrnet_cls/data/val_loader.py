@@ -13,7 +13,7 @@ from hrnet_cls.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     DecodeError,
-    Normalizer,
+    Normalize,
     eval_crop,
     eval_resize,
 )
@@ -56,9 +56,9 @@ class ValPlan:
 def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Batches of the slot's decodable samples. A full batch is held until the next one is
     cut, so skips met after it still reach the caller on the last batch."""
-    skipped, normalize = SkipCounter(), Normalizer(plan.mean, plan.std)
+    skipped = SkipCounter()
     held: tuple[torch.Tensor, torch.Tensor] | None = None
-    images = torch.empty(plan.batch_size, 3, plan.img_size, plan.img_size)
+    images = torch.empty(plan.batch_size, 3, plan.img_size, plan.img_size, dtype=torch.uint8)
     targets: list[int] = []
     for seg in plan.segments(slot):
         for key, data, target, _ in read_segment(seg, plan.num_classes, skipped):
@@ -68,7 +68,7 @@ def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, 
                 warn("%s: sample %s: %s; skipped", seg.url, key, exc)
                 skipped.add(seg.url)
                 continue
-            normalize(pixels, images[len(targets)])
+            images[len(targets)] = pixels
             targets.append(target)
             if len(targets) == plan.batch_size:
                 if held is not None:
@@ -102,6 +102,7 @@ class ValLoader:
 
     def __init__(self, plan: ValPlan, workers: int, pin_memory: bool = False) -> None:
         self.plan, self.workers, self.pin_memory = plan, workers, pin_memory
+        self.normalize = Normalize(plan.mean, plan.std)  # on the device, after the batch's copy there
 
     def __len__(self) -> int:
         """Batches this rank yields when no sample is bad."""

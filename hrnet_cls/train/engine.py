@@ -18,6 +18,7 @@ from torch import nn
 
 from hrnet_cls.config import Config
 from hrnet_cls.data import TrainLoader
+from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
 from hrnet_cls.train.optim import ListEma, NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
@@ -120,7 +121,7 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     for batch, (images, targets, skipped, _) in enumerate(_iterate(loader), start=batch + 1):
         start, end = loader.progress(batch - 1)  # epoch progress in samples: the same on any world size
         lr = parts.scheduler.step(start, end)
-        loss = _train_step(parts, images, targets)
+        loss = _train_step(parts, loader.normalize, images, targets)
         global_step += 1
         if checkpointer is not None:
             checkpointer.check()  # a failed background write stops the run here
@@ -137,9 +138,9 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)
 
 
-def _train_step(parts: TrainParts, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One optimizer step; returns the detached loss () without reading it on the host."""
-    images = images.to(parts.device, non_blocking=True, memory_format=parts.memory_format)  # (B, 3, H, W)
+def _train_step(parts: TrainParts, normalize: Normalize, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One optimizer step on uint8 images (B, 3, H, W); returns the detached loss () without reading it on the host."""
+    images = normalize(images.to(parts.device, non_blocking=True), parts.memory_format)  # float32 on the device
     targets = targets.to(parts.device, non_blocking=True)  # (B,)
     with parts.autocast:
         logits = parts.model(images)  # (B, num_classes)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import all_reduce_sum
 from hrnet_cls.errors import one_line
 from hrnet_cls.precision import Precision
@@ -49,10 +50,11 @@ class Totals:
     metrics: list[dict[str, float]] = field(default_factory=list)  # per model: top1, top5 (%), loss, samples
 
 
-def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device, precision: Precision,
+def feed(models: Sequence[nn.Module], batches: Iterable, *, normalize: Normalize, device: torch.device,
+         precision: Precision,
          memory_format: torch.memory_format = torch.contiguous_format, timed: bool = False,
          catch: bool = False, compiled: bool = False) -> Tally:
-    """Run every batch ``(images (B,3,S,S), targets (B,), skipped)`` through every model.
+    """Run every batch ``(uint8 images (B,3,S,S), targets (B,), skipped)`` through every model, normalised on ``device``.
 
     timed: synchronise after each forward to time it (host and device no longer overlap); ``compiled``: the first
     batch of each shape (a compile) is left out of the time. catch: a model that raises stops with its error
@@ -66,7 +68,8 @@ def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device
             tally.skipped += int(bad)
             tally.decoded += len(targets)
             if len(targets):  # an empty batch only reports bad samples
-                _forward_all(models, images, targets, tally, device, precision, memory_format, timed, catch, compiled)
+                images = normalize(images.to(device, non_blocking=True), memory_format)
+                _forward_all(models, images, targets, tally, device, precision, timed, catch, compiled)
     except Exception as exc:  # noqa: BLE001 - the loader failed: every model of the stream fails
         if not catch:
             raise
@@ -75,9 +78,7 @@ def feed(models: Sequence[nn.Module], batches: Iterable, *, device: torch.device
 
 
 def _forward_all(models: Sequence[nn.Module], images: torch.Tensor, targets: torch.Tensor, tally: Tally,
-                 device: torch.device, precision: Precision, memory_format: torch.memory_format,
-                 timed: bool, catch: bool, compiled: bool) -> None:
-    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                 device: torch.device, precision: Precision, timed: bool, catch: bool, compiled: bool) -> None:
     targets = targets.to(device, non_blocking=True)
     for i, model in enumerate(models):
         if tally.errors[i]:
@@ -114,8 +115,8 @@ def reduce(tally: Tally) -> Totals:
     return Totals(counts, losses, ints[-2], ints[-1], metrics)
 
 
-def evaluate(models: dict[str, nn.Module], batches: Iterable, *, device: torch.device, precision: Precision,
-             memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
+def evaluate(models: dict[str, nn.Module], batches: Iterable, *, normalize: Normalize, device: torch.device,
+             precision: Precision, memory_format: torch.memory_format = torch.contiguous_format) -> dict[str, float]:
     """``{name}_{top1,top5,loss,samples,skipped}`` for each named model, one decode of the data.
 
     Bare models (not DDP), run in eval mode and put back in their mode; the loss is plain cross-entropy."""
@@ -124,7 +125,8 @@ def evaluate(models: dict[str, nn.Module], batches: Iterable, *, device: torch.d
     for net in nets:
         net.eval()
     try:
-        totals = reduce(feed(nets, batches, device=device, precision=precision, memory_format=memory_format))
+        totals = reduce(feed(nets, batches, normalize=normalize, device=device, precision=precision,
+                             memory_format=memory_format))
     finally:
         for net, mode in zip(nets, modes):
             net.train(mode)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hrnet_cls.data import build_val_loader, read_info, shard_lengths
+from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import DistInfo, all_gather_object
 from hrnet_cls.errors import one_line
 from hrnet_cls.validation.evaluation import Tally, feed, reduce
@@ -156,8 +157,9 @@ def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
     live = [(row, model) for row, model in zip(rows, models) if not row.error and model is not None]
     batches = _batches(settings, prep, dist_info) if live else []
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-    tally = feed([model for _, model in live], batches, device=settings.device, precision=settings.precision,
-                 memory_format=memory_format, timed=True, catch=True, compiled=settings.compile)
+    tally = feed([model for _, model in live], batches, normalize=Normalize(prep.mean, prep.std),
+                 device=settings.device, precision=settings.precision, memory_format=memory_format, timed=True,
+                 catch=True, compiled=settings.compile)
     decoded, skipped = _finish([row for row, _ in live], tally, settings)
     return PassStats(prep, len(live), decoded, skipped, time.perf_counter() - start)
 
