@@ -5,12 +5,15 @@
 
 Sections (--sections 1 4 runs some), each one or two runs of the other benchmarks at GPU sizes (their
 command lines are in the JSON): 1. train step (models): timm hrnet_w18 eager NCHW against hrnet_w18_c
-NHWC eager and compiled, hrnet_w44_c and hrnet_w48_c, bf16 batch 256: images/s, memory, MFU; 2. gradient
+NHWC eager and compiled (the one cold compile, timed: section 6 is budgeted from it), hrnet_w44_c and
+hrnet_w48_c eager, bf16 batch 256: images/s, memory, MFU; 2. gradient
 checkpointing (models --grad-ckpt); 3. fp16 + GradScaler in the engine (train --parts overhead): loss,
 scale, host reads and CUDA syncs per step; 4. validation (validate), batch 1024: ours folded + NHWC +
-compiled against timm's eager model, and both validate.py paths end to end on 10,240 synthetic JPEGs;
+compiled against timm's eager model, and both validate.py paths end to end on 10,240 synthetic JPEGs (at
+least a full batch per worker);
 5. input pipeline (data): our loader, a worker per core, against section 1's demand (vs_demand), and
-nvJPEG; 6. a real train.py (train --parts train_py): ~300 steps, bf16, channels_last, compile;
+nvJPEG; 6. a real train.py (train --parts train_py): ~300 steps, bf16, channels_last, compiled when 1.5x
+section 1's compile time fits the time left (else eager, and the section's note says why);
 7. checkpoints (checkpoint) of hrnet_w18_c and hrnet_w64_c training states on the GPU: a synchronous
 save, the asynchronous save's stall (copy into pinned host memory) and its background write.
 Section 1 also times timm's resnet50 alone at the same settings: the reference row (HRNet-W18's
@@ -79,8 +82,8 @@ def runs(n: int, p: dict, args: argparse.Namespace, shards: Any, workers: int) -
     val = [*common, *prec, "--model", p["w18"], "--timm-model", p["timm"], "--batch-size", str(p["val_batch"]),
            "--compile-backend", p["backend"]]
     return {
-        1: [("models", [*model, "--compile", "ours", "--pairs", f"{p['w18']}:{p['timm']}",
-                        *(f"{m}:" for m in p["big"])])],
+        1: [("models", [*model, "--compile", "ours", "--compile-only", p["w18"], "--pairs", f"{p['w18']}:{p['timm']}",
+                        *(f"{m}:" for m in p["big"])])],  # one cold compile: each is a minute or more
         2: [("models", [*model, "--pairs", *(f"{m}:" for m in p["ckpt"]), "--grad-ckpt"])],
         3: [("train", [*common, *batch, "--parts", "overhead", "--models", p["fp16_model"], "--precision", "fp16",
                        "--channels-last", "--steps", str(p["fp16_steps"])])],
@@ -114,6 +117,29 @@ def demand(result: dict, p: dict) -> dict:
     raise RuntimeError("no train-step images/s: section 1's w18 rows did not run (--sections)")
 
 
+def compile_seconds(result: dict) -> float | None:
+    """Section 1's measured cold compile of the w18 train step: its compiled row's first step less a steady one."""
+    rows = result["sections"].get("train_step", {}).get("sections", {}).get("train_step", {}).get("rows", {})
+    row = next((r for key, r in rows.items() if key.endswith(" compiled")), {})
+    first, step = row.get("first_s"), row.get("median_s")
+    return first - step if first and step else None
+
+
+def plan_train_py(p: dict, compile_s: float | None, left: float) -> tuple[float, str]:
+    """(section 6's budget, why): a compiled train.py gets 1.5x section 1's compile on top of its budget when
+    the command's time left allows it, else it runs eager; p is updated to match."""
+    if not p["train_compile"]:
+        return min(p["budgets"][6], left), ""
+    need = p["budgets"][6] + 1.5 * compile_s if compile_s is not None else None
+    if need is None or need > left:
+        p["train_compile"] = False
+        why = "no compile time measured in section 1" if need is None else \
+            f"its cold compile (section 1: {compile_s:.0f} s) does not fit the {left:.0f} s left"
+        return min(p["budgets"][6], left), f"train.compile off: {why}"
+    p["budgets"][6] = need
+    return need, f"budget {need:.0f} s: {need - 1.5 * compile_s:.0f} s + 1.5 x section 1's compile ({compile_s:.0f} s)"
+
+
 def run_section(n: int, result: dict, p: dict, args: argparse.Namespace, shards: Any, workers: int,
                 save: Callable[[], None]) -> None:
     node = result["sections"][TITLES[n][0]]
@@ -140,6 +166,7 @@ def main(argv: list[str]) -> int:
         return 2
     p, start, workers = dict(SMOKE if args.smoke else FULL), time.perf_counter(), args.workers or usable_cores()
     p["limit"] = args.time_limit or p["limit"]
+    p["images"] = max(p["images"], workers * p["val_batch"])  # every worker's validation batch full
     torch.backends.cudnn.benchmark = args.device.startswith("cuda")
     result: dict[str, Any] = {"benchmark": "gpu", "smoke": args.smoke, "profile": p, "sections_run": args.sections,
                               "machine": harness.machine(torch.device(args.device), ["gpu", *argv]), "sections": {}}
@@ -155,6 +182,9 @@ def main(argv: list[str]) -> int:
             key, title = TITLES[n]
             node = result["sections"][key] = {"title": f"{n}. {title}", "runs": [], "sections": {}}
             left = min(p["budgets"][n], p["limit"] - (time.perf_counter() - start))
+            if n == 6:  # a compiled train.py only where section 1's measured compile fits
+                left, node["note"] = plan_train_py(p, compile_seconds(result),
+                                                   p["limit"] - (time.perf_counter() - start))
             harness.log(f"section {n}: {title} ({left:.0f} s)")
             section_start = time.perf_counter()
             signal.setitimer(signal.ITIMER_REAL, max(left, 0.01))  # SIGALRM interrupts the section's Python code

@@ -36,6 +36,8 @@ def options() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--channels-last", choices=("none", "ours", "both"), default="none", help="NHWC model and input")
     p.add_argument("--compile", choices=("none", "ours", "both"), default="none", help="also time compiled rows")
+    p.add_argument("--compile-only", nargs="+", default=[], metavar="NAME",
+                   help="compiled rows for these models only (each cold compile costs minutes)")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--grad-ckpt", action="store_true", help="also time ours with gradient checkpointing")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="dense bf16 peak for MFU if not in the table")
@@ -96,7 +98,7 @@ def bench_pair(ours: str, theirs: str, args: argparse.Namespace) -> dict[str, di
     for impl, name in (("timm", theirs), ("ours", ours)) if theirs else (("ours", ours),):
         label, nhwc = f"{name} (timm)" if impl == "timm" else name, args.channels_last in ("both", impl)
         variants[label] = (name, impl, nhwc, False, False)
-        if args.compile in ("both", impl):
+        if args.compile in ("both", impl) and (not args.compile_only or name in args.compile_only):
             variants[f"{label} compiled"] = (name, impl, nhwc, True, False)
     if args.grad_ckpt:
         variants[f"{ours} +grad-ckpt"] = (ours, "ours", args.channels_last != "none", False, True)
