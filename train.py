@@ -125,7 +125,10 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
     d, pin = cfg.data, info.device.type == "cuda"
     train_loader = build_train_loader(d.train_shards, batch_size=d.batch_size, img_size=d.img_size,
                                       seed=cfg.train.seed, epoch=0, rank=info.rank, world_size=info.world_size,
-                                      workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin)
+                                      workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin,
+                                      scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
+                                      interpolation=d.interpolation, auto_augment=d.auto_augment,
+                                      color_jitter=d.color_jitter)
     val_loader = build_val_loader(d.val_shards, batch_size=d.val_batch_size, img_size=d.img_size,
                                   crop_pct=d.crop_pct, rank=info.rank, world_size=info.world_size,
                                   workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin)
@@ -140,8 +143,9 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
     position = run.restore(start, parts, train_loader, info, cfg.train.seed)
     run.write_config()
     tracker = Tracker(cfg.wandb, run, start_epoch=position.epoch, resuming=start.checkpoint is not None)
-    logger.info("%d epochs x %d steps of %d x %d images, precision %s", cfg.schedule.epochs,
-                train_loader.batches_per_epoch, d.batch_size, info.world_size, precision.name)
+    logger.info("%d epochs x %d steps of %d x %d x %d images, precision %s", cfg.schedule.epochs,
+                -(-train_loader.batches_per_epoch // cfg.train.grad_accum_steps), d.batch_size, info.world_size,
+                cfg.train.grad_accum_steps, precision.name)
 
     # 7. The epoch loop: train, validate, record the row, save; a stop signal saves and exits 75
     step, last = position.step, position.metrics

@@ -7,7 +7,8 @@
 Synthetic photo-like JPEGs (~108 KB at 500x375, an average ImageNet file) or --data shards. Pipelines:
 train ours (uint8 batches, normalised later on the device), ours-float (normalised on the CPU in the loop, as
 the loaders did before and as timm's do), ours-pil (PIL decodes: the same pixels), timm (its default adds
-ColorJitter 0.4), timm-nojitter (our augmentation), eval ours, ours-float and timm. The decode ceiling (one thread, the boxes train
+ColorJitter 0.4), timm-nojitter (our augmentation), ours-ra and timm-ra (RandAugment rand-m9-mstd0.5-inc1 in both; timm's also
+erases 0.25 of the images on the CPU, ours does that on the device), eval ours, ours-float and timm. The decode ceiling (one thread, the boxes train
 ours draws): decode only by PIL, torchvision and simplejpeg, and train ours per worker as a fraction
 of each. --decode-batch N: decode_jpeg on --device over batches of N (nvJPEG on CUDA).
 """
@@ -36,8 +37,9 @@ from hrnet_cls.shards import write_split
 from benchmarks import harness
 
 SMOKE = dict(images=16, unique=8, size="96x72", batch=4, img_size=32, decode_batch=4)
-PIPELINES = ("train ours", "train ours-float", "train ours-pil", "train timm", "train timm-nojitter", "eval ours",
-             "eval ours-float", "eval timm")
+PIPELINES = ("train ours", "train ours-float", "train ours-pil", "train timm", "train timm-nojitter", "train ours-ra",
+             "train timm-ra", "eval ours", "eval ours-float", "eval timm")
+AUGMENT = "rand-m9-mstd0.5-inc1"  # the -ra rows: RandAugment (+ timm's random erasing 0.25, which ours runs on the device)
 
 
 def options() -> argparse.ArgumentParser:
@@ -121,11 +123,12 @@ def pipelines(shards: Shards, args: argparse.Namespace) -> dict[str, Callable[[]
                 pass
         return run
 
-    def ours(train: bool, pil: bool = False, normalised: bool = False) -> Callable[[], None]:
+    def ours(train: bool, pil: bool = False, normalised: bool = False, augment: str = "") -> Callable[[], None]:
         def run() -> None:  # pil: no simplejpeg, in the forked DataLoader workers too (they inherit it)
             with mock.patch.object(transforms, "simplejpeg", None if pil else transforms.simplejpeg):
                 loader = (build_train_loader(shards.pattern, batch_size=args.batch, img_size=args.img_size, seed=0,
-                                             epoch=0, workers=args.workers, pin_memory=args.device.startswith("cuda"))
+                                             epoch=0, workers=args.workers, pin_memory=args.device.startswith("cuda"),
+                                             auto_augment=augment)
                           if train else build_val_loader(shards.pattern, batch_size=args.batch,
                                                          img_size=args.img_size, crop_pct=0.875, workers=args.workers))
                 for images, *_ in loader:
@@ -134,7 +137,8 @@ def pipelines(shards: Shards, args: argparse.Namespace) -> dict[str, Callable[[]
         return run
     every = {"train ours": ours(True), "train ours-float": ours(True, normalised=True),
              "train ours-pil": ours(True, pil=True), "train timm": timm_pass(True),
-             "train timm-nojitter": timm_pass(True, color_jitter=None), "eval ours": ours(False),
+             "train timm-nojitter": timm_pass(True, color_jitter=None), "train ours-ra": ours(True, augment=AUGMENT),
+             "train timm-ra": timm_pass(True, auto_augment=AUGMENT, re_prob=0.25), "eval ours": ours(False),
              "eval ours-float": ours(False, normalised=True), "eval timm": timm_pass(False, crop_pct=0.875)}
     if transforms.simplejpeg is None:
         del every["train ours-pil"]  # train ours is the PIL pipeline then
@@ -190,8 +194,9 @@ def pipeline_rows(shards: Shards, images: int, args: argparse.Namespace) -> dict
     for name, row in rows.items():
         row["images_per_s_per_worker"] = harness.ratio(row.get("images_per_s"), max(1, args.workers))
         kind, who = name.split()
-        for base in ("timm", "timm-nojitter", "ours-pil", "ours-float"):
-            if who.startswith("ours") and who != base and f"{kind} {base}" in rows:
+        for base in ("timm", "timm-nojitter", "ours-pil", "ours-float", "timm-ra"):
+            if who.startswith("ours") and who != base and f"{kind} {base}" in rows and who.endswith("-ra") == \
+                    base.endswith("-ra"):
                 row[f"vs_{base}"] = harness.ratio(row.get("images_per_s"), rows[f"{kind} {base}"].get("images_per_s"))
     return rows
 

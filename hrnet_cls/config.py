@@ -21,12 +21,16 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from hrnet_cls.atomic import write_atomic
 from hrnet_cls.errors import flat
+from hrnet_cls.data.transforms import INTERPOLATIONS
 from hrnet_cls.precision import PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 WANDB_MODES = ("online", "offline", "disabled")
+SCHEDULES = ("step", "cosine")
+RE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
+MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 
 
 class ConfigError(ValueError):
@@ -63,6 +67,21 @@ class DataConfig:
     img_size: int = doc(224, "Square training crop and evaluation crop side, pixels.")
     crop_pct: float = doc(0.875, "Evaluation centre-crop fraction: the shorter side is resized to "
                                  "floor(img_size / crop_pct) first, as in timm.")
+    scale: list[float] = doc([0.08, 1.0], "RandomResizedCrop area range, fractions of the image (timm's scale).")
+    ratio: list[float] = doc([0.75, 1.3333333333333333], "RandomResizedCrop aspect-ratio range (timm's ratio).")
+    hflip: float = doc(0.5, "Probability of a horizontal flip of a training crop.")
+    interpolation: str = doc("bilinear", 'Training crop resize filter: "bilinear" | "bicubic".')
+    auto_augment: str = doc("", 'timm\'s augmentation policy applied to each training crop in the workers: '
+                                '"rand-m9-mstd0.5-inc1" (RandAugment), "augmix-m5-w4-d2", "original", "v0", '
+                                '"3a", ...; "" = none (the paper).')
+    color_jitter: float = doc(0.0, "ColorJitter strength for brightness, contrast and saturation (0 = off, the "
+                                   "paper; timm's default is 0.4); off with data.auto_augment unless it is 3a, as "
+                                   "in timm.")
+    re_prob: float = doc(0.0, "Random-erasing probability per training image (timm's RandomErasing, on the "
+                              "device after normalisation as timm's prefetcher does; 0 = off).")
+    re_mode: str = doc("pixel", 'Random-erasing fill: "pixel" (per-pixel normal noise) | "rand" (per channel) | '
+                                '"const" (zeros).')
+    re_count: int = doc(1, "Most erased boxes per image (timm's max_count).")
     max_bad_fraction: float = doc(
         0.01, "Most bad training samples (missing, unlabelled, undecodable) per image trained in an epoch, "
               "checked every log_interval steps once 10,000 images are in, and at the epoch end; past it the "
@@ -71,11 +90,18 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = doc("sgd", '"sgd" (SGD with momentum, Nesterov as configured: the paper) | "adamw" | "lamb" | any '
+                           "name timm's create_optimizer_v2 knows.")
     lr: float = doc(0.1, "Peak SGD learning rate for the global batch actually used. Linear scaling rule: "
                          "lr = 0.1 x global_batch / 256 (paper: 0.1 at 256; authors' repo: 0.05 at 4 x 32).")
     momentum: float = doc(0.9, "SGD momentum coefficient, in [0, 1).")
     nesterov: bool = doc(True, "Use Nesterov momentum (the paper does); needs momentum > 0.")
-    weight_decay: float = doc(1e-4, "L2 penalty coefficient added to the gradient by SGD, per step.")
+    weight_decay: float = doc(1e-4, "L2 penalty coefficient added to the gradient by SGD (decoupled for "
+                                    "adamw, lamb, ...), per step.")
+    betas: list[float] = doc([0.9, 0.999], "Adam-family (beta1, beta2); not read by sgd.")
+    eps: float = doc(1e-8, "Adam-family epsilon; not read by sgd.")
+    layer_decay: float = doc(0.0, "timm's layer-wise LR decay (lr x layer_decay^(depth from the head), groups from "
+                                  "the model's group_matcher); 0 = off.")
     wd_on_norm_and_bias: bool = doc(
         True, "True = decay every parameter (the paper and the authors' code, BN included); "
               "False = exempt normalisation-layer parameters and biases (chosen by module type).")
@@ -83,12 +109,16 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    name: str = doc("step", '"step" (decay_rate at each of decay_epochs: the paper) | "cosine" (to min_lr at the '
+                            "end), evaluated per step from the samples seen.")
     epochs: int = doc(100, "Training length, epochs (passes over the training shards).")
     decay_epochs: list[int] = doc(
         [30, 60, 90], "Epochs (0-based) from whose first step the LR is multiplied by decay_rate; "
                       "with [30, 60, 90] epoch 29 still runs at lr and epoch 30 at lr x decay_rate.")
     decay_rate: float = doc(0.1, "LR multiplier applied at each decay epoch, in (0, 1].")
     warmup_epochs: int = doc(0, "Linear LR warm-up length, epochs, evaluated per step (0 = none, as in the paper).")
+    warmup_lr: float = doc(0.0, "LR the warm-up starts from (timm's warmup_lr_init).")
+    min_lr: float = doc(0.0, "LR the cosine schedule ends at (timm's lr_min); not read by step.")
 
 
 @dataclass
@@ -104,6 +134,16 @@ class TrainConfig:
     ema: bool = doc(False, "Keep an exponential moving average of the weights and validate it too.")
     ema_decay: float = doc(0.9998, "EMA decay per optimizer step, in (0, 1); only read when ema is true.")
     label_smoothing: float = doc(0.0, "Cross-entropy label smoothing, in [0, 1); the paper uses none.")
+    mixup_alpha: float = doc(0.0, "timm's Mixup: Beta(alpha, alpha) mixing of image pairs on the device (0 = off).")
+    cutmix_alpha: float = doc(0.0, "timm's CutMix alpha (0 = off).")
+    mixup_prob: float = doc(1.0, "Probability of applying mixup or cutmix to a batch.")
+    mixup_switch_prob: float = doc(0.5, "Probability of cutmix instead of mixup when both are on.")
+    mixup_mode: str = doc("batch", '"batch" | "pair" | "elem": one draw per batch, per pair, per image.')
+    bce_loss: bool = doc(False, "timm's BinaryCrossEntropy on the (mixed) targets instead of cross-entropy, as in "
+                                "ResNet Strikes Back; validation loss stays plain cross-entropy.")
+    grad_accum_steps: int = doc(1, "Micro-batches per optimizer step (DDP syncs on the last only); the batch the "
+                                   "LR and the schedule see is data.batch_size x world size x this.")
+    clip_grad: float = doc(0.0, "Clip the gradients' global L2 norm to this (after unscaling under fp16); 0 = off.")
     seed: int = doc(0, "Base random seed; each process adds its rank.")
     log_interval: int = doc(50, "Log training loss, LR and throughput every this many optimizer steps.")
     val_interval: int = doc(1, "Validate every this many epochs (the last epoch is always validated).")
@@ -348,9 +388,14 @@ def validate(cfg: Config) -> None:
     _require(d.img_size >= 8, f"data.img_size must be >= 8 pixels, got {d.img_size}")
     _require(0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+    _validate_augment(d)
     _validate_optim(o)
-    _validate_schedule(s)
+    _validate_schedule(s, o.lr)
     _validate_train(t)
+    mixing = t.mixup_alpha > 0 or t.cutmix_alpha > 0
+    _require(not mixing or d.batch_size % 2 == 0,
+             f"data.batch_size must be even with train.mixup_alpha / train.cutmix_alpha (timm's Mixup pairs the "
+             f"batch), got {d.batch_size}")
     _require(c.output_dir != "", "checkpoint.output_dir must not be empty")
     _require(c.keep >= 0, f"checkpoint.keep must be >= 0, got {c.keep}")
     _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0 steps, got {c.save_interval}")
@@ -359,15 +404,51 @@ def validate(cfg: Config) -> None:
     _require(w.mode == "disabled" or w.project != "", "wandb.project must not be empty unless wandb.mode is disabled")
 
 
+def _validate_augment(d: DataConfig) -> None:
+    _require(len(d.scale) == 2 and 0 < d.scale[0] <= d.scale[1] <= 1,
+             f"data.scale must be [min, max] with 0 < min <= max <= 1, got {d.scale}")
+    _require(len(d.ratio) == 2 and 0 < d.ratio[0] <= d.ratio[1],
+             f"data.ratio must be [min, max] with 0 < min <= max, got {d.ratio}")
+    _require(0.0 <= d.hflip <= 1.0, f"data.hflip must be in [0, 1], got {d.hflip}")
+    _require(d.interpolation in INTERPOLATIONS, f"data.interpolation must be one of {INTERPOLATIONS}, "
+                                                f"got {d.interpolation!r}")
+    _require(d.color_jitter >= 0, f"data.color_jitter must be >= 0, got {d.color_jitter}")
+    _require(0.0 <= d.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {d.re_prob}")
+    _require(d.re_mode in RE_MODES, f"data.re_mode must be one of {RE_MODES}, got {d.re_mode!r}")
+    _require(d.re_count >= 1, f"data.re_count must be >= 1, got {d.re_count}")
+    if d.auto_augment:
+        from hrnet_cls.data.augment import build_augment  # deferred: timm's transforms
+
+        try:
+            build_augment(d.auto_augment, 0.0, 224, (0.5, 0.5, 0.5), d.interpolation)
+        except Exception as e:  # noqa: BLE001 - timm's parser raises assorted errors for a bad policy string
+            raise ConfigError(f"data.auto_augment: timm cannot parse {d.auto_augment!r} ({flat(e) or type(e).__name__}); "
+                              "e.g. rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original, v0") from None
+
+
 def _validate_optim(o: OptimConfig) -> None:
+    import timm.optim  # deferred: importing timm costs about a second
+
+    known = ["sgd", *timm.optim.list_optimizers()]
+    if o.name not in known:
+        close = difflib.get_close_matches(o.name, known, n=3, cutoff=0.6)
+        raise ConfigError(f"optim.name: {o.name!r} is not an optimizer timm knows"
+                          + (f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""))
     _require(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two values in [0, 1), "
+                                                                    f"got {o.betas}")
+    _require(o.eps > 0, f"optim.eps must be > 0, got {o.eps}")
+    _require(0.0 <= o.layer_decay <= 1.0, f"optim.layer_decay must be in [0, 1] (0 = off), got {o.layer_decay}")
     _require(0.0 <= o.momentum < 1.0, f"optim.momentum must be in [0, 1), got {o.momentum}")
     _require(not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum > 0")
     _require(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
 
 
-def _validate_schedule(s: ScheduleConfig) -> None:
+def _validate_schedule(s: ScheduleConfig, lr: float) -> None:
+    _require(s.name in SCHEDULES, f"schedule.name must be one of {SCHEDULES}, got {s.name!r}")
     _require(s.epochs >= 1, f"schedule.epochs must be >= 1, got {s.epochs}")
+    _require(0 <= s.warmup_lr <= lr, f"schedule.warmup_lr must be in [0, optim.lr={lr}], got {s.warmup_lr}")
+    _require(0 <= s.min_lr <= lr, f"schedule.min_lr must be in [0, optim.lr={lr}], got {s.min_lr}")
     _require(0.0 < s.decay_rate <= 1.0, f"schedule.decay_rate must be in (0, 1], got {s.decay_rate}")
     _require(s.warmup_epochs >= 0, f"schedule.warmup_epochs must be >= 0, got {s.warmup_epochs}")
     _require(s.warmup_epochs < s.epochs,
@@ -379,7 +460,7 @@ def _validate_schedule(s: ScheduleConfig) -> None:
     _require(not steps or steps[0] >= s.warmup_epochs,
              f"schedule.decay_epochs {steps} starts inside the warm-up (schedule.warmup_epochs={s.warmup_epochs})")
     late = [e for e in steps if e >= s.epochs]
-    if late:
+    if late and s.name == "step":
         # Legitimate for a shortened smoke run (schedule.epochs=2), so a warning, not an error.
         logger.warning("schedule.decay_epochs %s are never reached with schedule.epochs=%d", late, s.epochs)
 
@@ -392,3 +473,10 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.log_interval >= 1, f"train.log_interval must be >= 1 step, got {t.log_interval}")
     _require(t.val_interval >= 1, f"train.val_interval must be >= 1 epoch, got {t.val_interval}")
     _require(t.dist_timeout_s > 0, f"train.dist_timeout_s must be > 0 seconds, got {t.dist_timeout_s}")
+    _require(t.mixup_alpha >= 0, f"train.mixup_alpha must be >= 0, got {t.mixup_alpha}")
+    _require(t.cutmix_alpha >= 0, f"train.cutmix_alpha must be >= 0, got {t.cutmix_alpha}")
+    _require(0.0 <= t.mixup_prob <= 1.0, f"train.mixup_prob must be in [0, 1], got {t.mixup_prob}")
+    _require(0.0 <= t.mixup_switch_prob <= 1.0, f"train.mixup_switch_prob must be in [0, 1], got {t.mixup_switch_prob}")
+    _require(t.mixup_mode in MIXUP_MODES, f"train.mixup_mode must be one of {MIXUP_MODES}, got {t.mixup_mode!r}")
+    _require(t.grad_accum_steps >= 1, f"train.grad_accum_steps must be >= 1, got {t.grad_accum_steps}")
+    _require(t.clip_grad >= 0, f"train.clip_grad must be >= 0 (0 = off), got {t.clip_grad}")

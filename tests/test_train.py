@@ -225,6 +225,44 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> 
     assert [r["val_top1"] for r in summary(whole_run)] == [r["val_top1"] for r in summary(killed)]
 
 
+MODERN = ["data.auto_augment=rand-m9-mstd0.5", "data.re_prob=0.25", "train.mixup_alpha=0.2", "train.cutmix_alpha=1.0",
+          "optim.name=adamw", "optim.lr=0.002", "optim.weight_decay=0.05", "schedule.name=cosine",
+          "schedule.warmup_epochs=1", "train.grad_accum_steps=2", "train.clip_grad=1.0", "schedule.decay_epochs=[]"]
+
+
+@pytest.mark.slow  # two runs of 2 x 6 steps and a killed one, one thread each: ~40 s
+def test_a_modern_recipe_killed_and_resumed_ends_bit_identical(tmp_path) -> None:
+    """RandAugment in the workers, random erasing and mixup / cutmix on the device (their RNG in the
+    checkpoint), AdamW (its moments in the checkpoint), cosine, accumulation (saves at step boundaries)
+    and clipping: SIGKILL mid-epoch and resume=auto end with the uninterrupted run's weights, bit for bit."""
+    common = [*RESUME_RECIPE, *MODERN, "checkpoint.save_interval=1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    proc = train(tmp_path, *common, f"checkpoint.output_dir={whole}", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
+    victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path, OMP_NUM_THREADS="1"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (killed / "last.pth").exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    state = load(killed / "last.pth")
+    assert victim.returncode == -signal.SIGKILL and state["epoch"] == 0 and 0 < state["batch_in_epoch"] < 11
+    assert state["batch_in_epoch"] % 2 == 0  # saved at a step boundary: micro-batches 2k
+    assert "exp_avg" in state["optimizer"]["state"][0]  # AdamW's moments
+    proc = train(tmp_path, *common, f"checkpoint.output_dir={killed}", OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load(whole / "last.pth"), load(killed / "last.pth")
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"]) == (2, 12)  # 11 micro-batches: 6 steps an epoch
+    for part in ("model", "model_ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    for i, moments in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in moments.items() if torch.is_tensor(v))
+    assert [r["val_top1"] for r in summary(whole)] == [r["val_top1"] for r in summary(killed)]
+
+
 # ---------------------------------------------------------------- torchrun
 
 

@@ -8,13 +8,15 @@ import dataclasses
 import functools
 import logging
 import os
+import random
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from hrnet_cls.data.augment import augment_crop, build_augment
 from hrnet_cls.data.sources import (
     RawSample,
     Segment,
@@ -66,6 +68,8 @@ class TrainPlan:
     scale: tuple[float, float]
     ratio: tuple[float, float]
     hflip: float
+    auto_augment: str = ""  # timm's policy string, applied to each crop ("" = none)
+    color_jitter: float = 0.0
     exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
     short: tuple[tuple[str, int], ...] = ()  # (shard, listed samples it lacks): charged to rank 0's batch 0
 
@@ -154,18 +158,22 @@ def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[R
         yield f"{key}#{n + 1}", data, target, -1
 
 
-def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan) -> tuple[torch.Tensor, torch.Tensor, list[int],
-                                                                         np.ndarray]:
+def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan, augment: Callable | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, list[int], np.ndarray]:
     """(images uint8 (B, 3, S, S), targets (B,), positions that failed to decode, positions (B,)); only DecodeError
     caught."""
     images = torch.empty(len(chunk), 3, plan.img_size, plan.img_size, dtype=torch.uint8)
     targets = torch.tensor([raw[2] for raw in chunk], dtype=torch.int64)
     positions = np.array([raw[3] for raw in chunk], dtype=np.int64)
     kw = dict(scale=plan.scale, ratio=plan.ratio, hflip=plan.hflip, interpolation=plan.interpolation)
+
+    def crop(data: bytes, rng: random.Random) -> torch.Tensor:  # the same rng draws the augmentation after the box
+        out = train_crop(data, plan.img_size, rng, **kw)
+        return out if augment is None else augment_crop(out, augment, rng.getrandbits(63))
     good, failed = [], []
     for i, (key, data, _, _) in enumerate(chunk):
         try:
-            images[i] = train_crop(data, plan.img_size, sample_rng(plan.seed, plan.epoch, key), **kw)
+            images[i] = crop(data, sample_rng(plan.seed, plan.epoch, key))
             good.append(i)
         except DecodeError as exc:
             warn("sample %s: %s; replaced by another of its batch", key, exc)
@@ -176,7 +184,7 @@ def _decode_train_batch(chunk: list[RawSample], plan: TrainPlan) -> tuple[torch.
             continue
         key, data, target, _ = chunk[good[n % len(good)]]
         rng = sample_rng(plan.seed, plan.epoch, key, n + 1)  # a different crop of the donor
-        images[i] = train_crop(data, plan.img_size, rng, **kw)
+        images[i] = crop(data, rng)
         targets[i] = target
     return images, targets, [int(p) for p in positions[failed] if p >= 0], positions
 
@@ -186,6 +194,7 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
     skipped = SkipCounter()
     rng = sample_rng(plan.seed, plan.epoch, plan.rank, slot, "buffer")
     stream = shuffle_buffer(_slot_stream(plan, slot, skipped), plan.buffer, rng)
+    augment = build_augment(plan.auto_augment, plan.color_jitter, plan.img_size, plan.mean, plan.interpolation)
     first = max(0, -(-(plan.start_batch - slot) // plan.slots))  # local batches before start_batch
     if slot == 0 and plan.rank == 0 and not plan.exclude:
         for url, n in plan.short:  # charged to the epoch's batch 0, once over all ranks
@@ -195,7 +204,7 @@ def _slot_batches(plan: TrainPlan, slot: int) -> Iterator[tuple[int, tuple]]:
         if local < first:
             skipped.take()  # cut from raw bytes, never decoded: its skips were reported before the resume
             continue
-        images, targets, failed, positions = _decode_train_batch(chunk, plan)
+        images, targets, failed, positions = _decode_train_batch(chunk, plan, augment)
         for position in failed:
             skipped.add(plan.shard_of(position))
         bad, by_shard = skipped.take()
@@ -324,8 +333,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
                        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                        shuffle_buffer: int = 1000, num_classes: int | None = None,
                        interpolation: str = "bilinear", scale: tuple[float, float] = (0.08, 1.0),
-                       ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5,
-                       pin_memory: bool = False) -> TrainLoader:
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, auto_augment: str = "",
+                       color_jitter: float = 0.0, pin_memory: bool = False) -> TrainLoader:
     """Training batches of RandomResizedCrop(img_size) + flip + normalise for one rank, from ``start_batch`` on;
     ``shuffle_buffer`` is in samples per worker (that many encoded images, ~110 KB each for ImageNet)."""
     check_common(batch_size, img_size, rank, world_size, workers, interpolation)
@@ -334,8 +343,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     lengths, short = checked_lengths(shard_urls)
     plan = TrainPlan(tuple(shard_urls), tuple(lengths), batch_size, img_size, seed, epoch, rank, world_size,
                      max(1, workers), start_batch, max(1, shuffle_buffer), num_classes_of(info, num_classes),
-                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip,
-                     short=tuple(short.items()))
+                     tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, auto_augment,
+                     color_jitter, short=tuple(short.items()))
     if plan.batches == 0:
         raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
                          f"on each of {world_size} process(es); lower the batch size")

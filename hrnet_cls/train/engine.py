@@ -5,22 +5,26 @@ step: losses are summed on the device and read at log and save points (docs/desi
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import time
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import BinaryCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from hrnet_cls.config import Config
+from hrnet_cls.config import Config, TrainConfig
 from hrnet_cls.data import TrainLoader
 from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import DistInfo, all_gather_object, all_reduce_sum
-from hrnet_cls.train.optim import ListEma, NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
+from hrnet_cls.train.optim import CosineSchedule, ListEma, NoEma, StepSchedule, build_ema, build_optimizer, build_scheduler
 from hrnet_cls.precision import Precision
 from hrnet_cls.train.preemption import StopRequest
 from hrnet_cls.train.state import EpochSums
@@ -51,9 +55,9 @@ class TrainParts:
 
     model: nn.Module  # forward/backward runs through this: the bare model or its DDP / compile wrapper
     net: nn.Module  # the bare model: what the EMA follows and checkpoints store
-    criterion: nn.Module  # logits (B, C), targets (B,) -> mean loss ()
+    criterion: nn.Module  # logits (B, C), targets (B,) or mixed soft targets (B, C) -> mean loss ()
     optimizer: torch.optim.Optimizer
-    scheduler: StepSchedule  # sets the lr of each step from the epoch progress in samples
+    scheduler: StepSchedule | CosineSchedule  # sets the lr of each step from the epoch progress in samples
     precision: Precision  # resolved: bf16 | fp16 | fp32
     scaler: torch.amp.GradScaler  # loss scaling; enabled for fp16 only
     autocast: AbstractContextManager  # torch.autocast(device, dtype); disabled for fp32
@@ -65,6 +69,11 @@ class TrainParts:
     halt_on_nonfinite: bool  # stop on a NaN/inf loss; False under fp16, whose scaler skips those steps
     log_interval: int  # optimizer steps between log lines (and host syncs)
     max_bad_fraction: float  # bad samples per image trained in an epoch before the run stops
+    erase: Callable[[torch.Tensor], torch.Tensor] | None = None  # timm's RandomErasing on the normalised batch
+    mixup: Callable | None = None  # timm's Mixup: (images, targets) -> (mixed images, soft targets (B, C))
+    accum: int = 1  # micro-batches per optimizer step
+    clip_grad: float = 0.0  # max global grad norm (0 = off)
+    no_sync: Callable[[], AbstractContextManager] = contextlib.nullcontext  # DDP's, on all but a step's last micro-batch
 
 
 @dataclass(frozen=True)
@@ -96,15 +105,30 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
     model = torch.compile(model) if cfg.train.compile else model
     optimizer = build_optimizer(net, cfg.optim)
     scaler = precision.grad_scaler()
+    t, d = cfg.train, cfg.data
+    mixup = Mixup(mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, prob=t.mixup_prob,
+                  switch_prob=t.mixup_switch_prob, mode=t.mixup_mode, label_smoothing=t.label_smoothing,
+                  num_classes=cfg.model.num_classes) if t.mixup_alpha > 0 or t.cutmix_alpha > 0 else None
+    erase = RandomErasing(d.re_prob, mode=d.re_mode, max_count=d.re_count, device=info.device) if d.re_prob else None
+    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else getattr(model, "_orig_mod", None)
     return TrainParts(
-        model=model, net=net, criterion=nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing),
+        model=model, net=net, criterion=_criterion(t, mixup is not None),
         optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr),
         precision=precision, scaler=scaler, autocast=precision.autocast(), ema=ema, device=info.device,
         memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format,
         world_size=info.world_size, epochs=cfg.schedule.epochs,
         halt_on_nonfinite=not scaler.is_enabled(),  # fp16: the scaler skips non-finite steps instead
-        log_interval=cfg.train.log_interval,
-        max_bad_fraction=cfg.data.max_bad_fraction)
+        log_interval=cfg.train.log_interval, max_bad_fraction=cfg.data.max_bad_fraction, erase=erase, mixup=mixup,
+        accum=t.grad_accum_steps, clip_grad=t.clip_grad,
+        no_sync=ddp.no_sync if isinstance(ddp, nn.parallel.DistributedDataParallel) else contextlib.nullcontext)
+
+
+def _criterion(t: TrainConfig, mixed: bool) -> nn.Module:
+    """Cross-entropy with label smoothing (the paper's, plain); under mixup timm's soft-target loss (the
+    smoothing is in the mixed targets); with bce_loss timm's BinaryCrossEntropy."""
+    if t.bce_loss:
+        return BinaryCrossEntropy(smoothing=0.0 if mixed else t.label_smoothing)
+    return SoftTargetCrossEntropy() if mixed else nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
 
 def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, global_step: int, tracker: Tracker,
@@ -115,17 +139,25 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     A collective over equal loaders; a stop signal ends it at the same step on every process."""
     parts.model.train()
     batches = loader.batches_per_epoch
-    batch = batches - len(loader)  # batches of this epoch trained before a resume
+    batch = done = batches - len(loader)  # batches of this epoch trained before a resume
     meter = _Meter(parts, loader, epoch, batches, loader.progress(batch)[0], carried or EpochSums())
-    stopped = False
+    stopped, lr = False, parts.optimizer.param_groups[0]["lr"]
     for batch, (images, targets, skipped, _) in enumerate(_iterate(loader), start=batch + 1):
-        start, end = loader.progress(batch - 1)  # epoch progress in samples: the same on any world size
-        lr = parts.scheduler.step(start, end)
-        loss = _train_step(parts, loader.normalize, images, targets)
+        # an optimizer step per accum micro-batches from where this part of the epoch began; the epoch's last
+        # step may have fewer
+        first, last = (batch - 1 - done) % parts.accum == 0, (batch - done) % parts.accum == 0 or batch == batches
+        if first:
+            size = min(parts.accum, batches - batch + 1)
+            start, end = loader.progress(batch - 1)[0], loader.progress(batch - 2 + size)[1]  # in samples
+            lr = parts.scheduler.step(start, end)
+        loss = _forward_backward(parts, loader.normalize, images, targets, size, sync=last)
+        meter.add(loss, images.shape[0], skipped)
+        if not last:
+            continue
+        _optimizer_step(parts)
         global_step += 1
         if checkpointer is not None:
             checkpointer.check()  # a failed background write stops the run here
-        meter.add(loss, images.shape[0], skipped)
         if global_step % parts.log_interval == 0:
             meter.log(global_step, batch, lr, end, tracker)
         if stop.poll(checkpointer is not None and checkpointer.time_due()):  # the same answers on every process
@@ -138,19 +170,33 @@ def train_one_epoch(parts: TrainParts, loader: TrainLoader, *, epoch: int, globa
     return meter.summary(global_step, parts.optimizer.param_groups[0]["lr"], batch, stopped)
 
 
-def _train_step(parts: TrainParts, normalize: Normalize, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on uint8 images (B, 3, H, W); returns the detached loss () without reading it on the host."""
+def _forward_backward(parts: TrainParts, normalize: Normalize, images: torch.Tensor, targets: torch.Tensor,
+                      micro: int, sync: bool) -> torch.Tensor:
+    """Forward and backward of uint8 images (B, 3, H, W), one of ``micro`` micro-batches of a step (the loss
+    scaled to their mean); ``sync``: the step's last, where DDP reduces the gradients. Returns the detached
+    loss () without reading it on the host."""
     images = normalize(images.to(parts.device, non_blocking=True), parts.memory_format)  # float32 on the device
     targets = targets.to(parts.device, non_blocking=True)  # (B,)
-    with parts.autocast:
-        logits = parts.model(images)  # (B, num_classes)
-        loss = parts.criterion(logits, targets)  # ()
-    parts.optimizer.zero_grad(set_to_none=True)
-    parts.scaler.scale(loss).backward()
+    if parts.erase is not None:
+        images = parts.erase(images)
+    if parts.mixup is not None:
+        images, targets = parts.mixup(images, targets)
+    with contextlib.nullcontext() if sync else parts.no_sync():
+        with parts.autocast:
+            logits = parts.model(images)  # (B, num_classes)
+            loss = parts.criterion(logits, targets)  # ()
+        parts.scaler.scale(loss / micro if micro > 1 else loss).backward()
+    return loss.detach()
+
+
+def _optimizer_step(parts: TrainParts) -> None:
+    if parts.clip_grad:
+        parts.scaler.unscale_(parts.optimizer)  # clip the true gradients
+        torch.nn.utils.clip_grad_norm_(parts.net.parameters(), parts.clip_grad)
     parts.scaler.step(parts.optimizer)  # an enabled scaler skips steps whose gradients overflowed
     parts.scaler.update()
     parts.ema.update(parts.net)
-    return loss.detach()
+    parts.optimizer.zero_grad(set_to_none=True)
 
 
 def _iterate(loader: Iterable[Batch]) -> Iterator[Batch]:
