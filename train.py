@@ -141,6 +141,11 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
 
     # 6. Restore the loader, seed, weights, optimizer, EMA and RNG; then the records
     position = run.restore(start, parts, train_loader, info, cfg.train.seed)
+    if position.batch_in_epoch and cfg.train.grad_accum_steps > 1:  # saves are at step boundaries only
+        logger.info("resuming after micro-batch %d of epoch %d: accumulation cycles of %d count from here (%s)",
+                    position.batch_in_epoch, position.epoch, cfg.train.grad_accum_steps,
+                    "exact" if position.batch_in_epoch % cfg.train.grad_accum_steps == 0 else
+                    "the checkpoint's cycles were of another length: not bit-identical to an uninterrupted run")
     run.write_config()
     tracker = Tracker(cfg.wandb, run, start_epoch=position.epoch, resuming=start.checkpoint is not None)
     logger.info("%d epochs x %d steps of %d x %d x %d images, precision %s", cfg.schedule.epochs,
