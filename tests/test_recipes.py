@@ -179,3 +179,38 @@ def test_two_accumulated_micro_batches_are_one_step_of_their_union_and_clipping_
     moved = torch.cat([(p - q).flatten() for p, q in zip(clipped.parameters(), start.parameters())]).norm()
     m = cfg.optim.momentum  # two Nesterov steps of clipped gradients: (1 + m) g1, then (1 + m) g2 + m^2 g1
     assert 0 < moved <= (2 * (1 + m) + m * m) * cfg.optim.lr * 1e-3 * 1.01
+
+
+def _accumulating_rank(rank: int, root: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{root}/rendezvous", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    cfg = Config()
+    cfg.train.grad_accum_steps, cfg.train.log_interval = 2, 100
+    g = torch.Generator().manual_seed(rank)  # each rank its own data
+    micro = [(torch.randint(0, 256, (4, 3, 4, 4), dtype=torch.uint8, generator=g),
+              torch.randint(0, 10, (4,), generator=g), 0, None) for _ in range(4)]
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 10))
+    parts = build_parts(cfg, DistInfo(rank, rank, 2, CPU, rank == 0), net, Precision.of("fp32", CPU))
+    tracker = Tracker(cfg.wandb, Checkpointer(cfg.checkpoint, is_main=False))
+    result = train_one_epoch(parts, Batches(micro), epoch=0, global_step=0, tracker=tracker, checkpointer=None,
+                             stop=StopRequest())
+    weights = torch.cat([p.detach().flatten() for p in net.parameters()])
+    gathered = [torch.zeros_like(weights) for _ in range(2)]
+    dist.all_gather(gathered, weights)
+    torch.save({"step": result.step, "equal": torch.equal(*gathered)}, f"{root}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # 2 gloo processes
+def test_accumulation_under_ddp_reduces_on_each_steps_last_micro_batch(tmp_path) -> None:
+    """DDP's no_sync on all but a step's last micro-batch: the gradients are still averaged over the ranks
+    once per step, so ranks fed different data end with the same weights (2 steps of 2 micro-batches)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_accumulating_rank, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt")
+        assert out == {"step": 2, "equal": True}
