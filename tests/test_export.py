@@ -41,8 +41,9 @@ def save_ckpt(path: Path, model: torch.nn.Module, model_ema: torch.nn.Module | N
 
 def digits(n: int = 4) -> torch.Tensor:
     """n real val images, preprocessed as the checkpoints were trained (IMG px, CROP)."""
-    images, _, _ = next(iter(build_val_loader(VAL, batch_size=n, img_size=IMG, crop_pct=CROP, workers=0)))
-    return images
+    loader = build_val_loader(VAL, batch_size=n, img_size=IMG, crop_pct=CROP, workers=0)
+    images, _, _ = next(iter(loader))
+    return loader.normalize(images)
 
 
 def calibrated(seed: int, num_classes: int = 10) -> torch.nn.Module:
@@ -50,8 +51,8 @@ def calibrated(seed: int, num_classes: int = 10) -> torch.nn.Module:
     -W mean feature): its predictions vary with the image (a fresh one's nearly all fall in one
     class), so equal accuracies mean something, at no training cost."""
     model = tiny_model(num_classes, seed)
-    batches = [images for images, _, _ in build_val_loader(VAL, batch_size=120, img_size=IMG, crop_pct=CROP,
-                                                           workers=0)]
+    loader = build_val_loader(VAL, batch_size=120, img_size=IMG, crop_pct=CROP, workers=0)
+    batches = [loader.normalize(images) for images, _, _ in loader]
     with torch.no_grad():
         model.train()
         for images in batches:

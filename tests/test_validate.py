@@ -86,9 +86,10 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
     steps = 0
     for epoch in range(10):
-        for images, targets, *_ in build_train_loader(str(DIGITS / "train-*.tar"), batch_size=64, img_size=32,
-                                                     seed=0, epoch=epoch, workers=0):
-            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        loader = build_train_loader(str(DIGITS / "train-*.tar"), batch_size=64, img_size=32, seed=0, epoch=epoch,
+                                    workers=0)
+        for images, targets, *_ in loader:
+            loss = torch.nn.functional.cross_entropy(model(loader.normalize(images)), targets)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
