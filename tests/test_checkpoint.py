@@ -171,7 +171,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, model) -> None
     assert not list(out.glob(".*.tmp"))
 
 
-def test_run_dir_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
+def test_the_checkpointer_keeps_k_newest_epochs_and_best(tmp_path, model) -> None:
     manager = run_folder(tmp_path, keep=2)
     for epoch, top1 in enumerate([10.0, 30.0, 20.0, 50.0, 40.0], start=1):
         manager.write(make_state(model, epoch=epoch, step=epoch * 100), top1=top1)
