@@ -9,9 +9,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
+from hrnet_cls.config import MIN_IMG_SIZE
 from hrnet_cls.data import expand_urls
 from hrnet_cls.distributed import barrier, choose_device, cleanup, init_distributed
 from hrnet_cls.precision import PRECISIONS, Precision
@@ -67,8 +69,15 @@ def check_usage(args: argparse.Namespace) -> None:
         raise UsageError("nothing to validate: give --checkpoint PATH ... and/or --model NAME ...")
     if args.weights and not args.model:
         raise UsageError("--weights FILE needs --model NAME (the architecture it is for)")
-    if any(size < 1 for size in args.img_size):
-        raise UsageError(f"--img-size must be positive pixels, got {args.img_size}")
+    if any(size < MIN_IMG_SIZE for size in args.img_size):
+        raise UsageError(f"--img-size must be >= {MIN_IMG_SIZE} pixels (HRNet's lowest stream has stride 32), "
+                         f"got {args.img_size}")
+    if args.results_file:  # found now, not after the whole sweep
+        out = Path(args.results_file)
+        folder = out.parent if str(out.parent) else Path(".")
+        if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            why = "is a directory" if out.is_dir() else f"{folder} is not a writable directory"
+            raise UsageError(f"--results-file {args.results_file}: {why}")
     if any(not 0 < crop <= 1 for crop in args.crop_pct):
         raise UsageError(f"--crop-pct values must lie in (0, 1], got {args.crop_pct}")
     if args.batch_size < 1 or args.workers < 0 or args.max_models_per_pass < 0:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 WANDB_MODES = ("online", "offline", "disabled")
 SCHEDULES = ("step", "cosine")
+MIN_IMG_SIZE = 32  # HRNet's lowest-resolution stream has stride 32: smaller inputs reach it as 1 x 1 or less
 RE_MODES = ("pixel", "rand", "const")  # timm's RandomErasing modes
 MIXUP_MODES = ("batch", "pair", "elem")  # timm's Mixup modes
 
@@ -280,12 +281,18 @@ def find_config_file(path_or_name: str) -> Path:
 
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     """``section.key=value`` strings -> an untyped DictConfig, values parsed as YAML."""
-    conf = OmegaConf.create()
+    conf, given = OmegaConf.create(), {}
     for item in overrides:
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq:  # OmegaConf would read a bare key as key=null
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        if key in _SECTIONS:
+            raise ConfigError(f"override '{item}': '{key}' is a config section; set its keys, e.g. "
+                              f"{next(k for k in _TYPES if k.startswith(key + '.'))}=...")
+        if key in given:  # the last would silently win
+            raise ConfigError(f"override '{key}' given twice ({given[key]!r}, then {text!r}): give it once")
+        given[key] = text
         if key not in _TYPES:  # OmegaConf would name only the first unknown part of the key
             raise _unknown(key, all_keys())
         if _TYPES[key] is str:
@@ -385,7 +392,8 @@ def validate(cfg: Config) -> None:
     _require(d.batch_size >= 1, f"data.batch_size must be >= 1, got {d.batch_size}")
     _require(d.val_batch_size >= 1, f"data.val_batch_size must be >= 1, got {d.val_batch_size}")
     _require(d.workers >= 0, f"data.workers must be >= 0, got {d.workers}")
-    _require(d.img_size >= 8, f"data.img_size must be >= 8 pixels, got {d.img_size}")
+    _require(d.img_size >= MIN_IMG_SIZE, f"data.img_size must be >= {MIN_IMG_SIZE} pixels (the lowest stream's "
+                                         f"stride), got {d.img_size}")
     _require(0.0 < d.crop_pct <= 1.0, f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
     _require(0.0 <= d.max_bad_fraction <= 1.0, f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
     _validate_augment(d)

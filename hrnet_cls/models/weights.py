@@ -87,6 +87,12 @@ def load_strict(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str
         what = name or type(model).__name__
         raise ValueError(f"weights do not fit {what} with {getattr(model, 'num_classes', '?')} classes: "
                          + "; ".join(problems))
+    own = model.state_dict()
+    cast = sorted({(str(weights[k].dtype), str(own[k].dtype)) for k in own if k in weights
+                   and weights[k].dtype != own[k].dtype})
+    if cast:  # load_state_dict copies into the model's tensors, converting: say so, it can lose precision
+        logger.warning("%s: tensors converted to the model's dtypes (%s)", name or type(model).__name__,
+                       ", ".join(f"{a} -> {b}" for a, b in cast))
     model.load_state_dict(weights, strict=False)  # strict up to the tolerated BN counters
 
 

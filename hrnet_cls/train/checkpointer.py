@@ -4,6 +4,7 @@ best; in a thread or in the loop), stop, close. Every file name in the folder is
 rank 0 writes there (docs/design.md §6.2-6.7)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -123,12 +124,16 @@ class Checkpointer:
         return start
 
     def _open(self, epochs: int) -> Start:
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()]  # leaf first
         self._prepare()
         self.lock = RunLock.acquire(self.path / LOCK)
         try:
             path, state = self._choose()
         except BaseException:
             self.close()
+            for folder in created:  # a refused start leaves no new, empty folder behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         for stale in stale_temps(self.path):  # left by a save of a process that is gone
             logger.info("removing %s left by an interrupted save", stale)
