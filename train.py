@@ -182,6 +182,7 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
             if epoch + 1 < cfg.schedule.epochs and stop.agree():  # a signal during validation or the save
                 raise Preempted(run.stop(f"epoch {epoch + 1}, batch 0, step {step}"))
         run.finish()  # the last checkpoint written and verified before the final line
+        run.mark_finished(f"epoch {cfg.schedule.epochs}, step {step}")
     finally:
         tracker.finish()
     return (f"final val top-1 {last.get('val_top1', float('nan')):.2f}%  top-5 {last.get('val_top5', float('nan')):.2f}%"

@@ -231,3 +231,12 @@ def test_git_commit(tmp_path) -> None:
     commit = git_commit()
     assert commit is None or len(commit.split("-")[0]) == 40
     assert git_commit(tmp_path) is None
+
+
+def test_finished_marks_a_done_run_until_a_start_trains_on(tmp_path, model) -> None:
+    run = run_folder(tmp_path)
+    run.write(make_state(model, epoch=5, step=500))
+    run.mark_finished("epoch 5, step 500")
+    assert (tmp_path / "FINISHED").read_text() == "epoch 5, step 500\n"
+    assert started(tmp_path, epochs=5).finished and (tmp_path / "FINISHED").exists()  # reported, kept
+    assert not started(tmp_path, epochs=8).finished and not (tmp_path / "FINISHED").exists()  # 3 epochs to go

@@ -61,3 +61,16 @@ def test_weights_of_other_dtypes_load_with_a_warning_naming_the_conversion(caplo
     assert "half.pth: tensors converted to the model's dtypes (torch.float16 -> torch.float32)" in caplog.text
     assert model.conv1.weight.dtype == torch.float32
     assert torch.equal(model.conv1.weight, other.conv1.weight.half().float())
+
+
+def test_an_integer_buffer_that_would_change_value_is_an_error() -> None:
+    model, weights = tiny_model(), dict(tiny_model().state_dict())
+    weights["bn1.num_batches_tracked"] = torch.tensor(3, dtype=torch.int32)  # fits int64: converted, with a warning
+    load_strict(model, weights, "ok.pth")
+    assert int(model.bn1.num_batches_tracked) == 3
+    weights["bn1.num_batches_tracked"] = torch.tensor(-1, dtype=torch.int64)
+    load_strict(model, weights, "ok.pth")
+    into = tiny_model()
+    into.bn1.num_batches_tracked = torch.tensor(0, dtype=torch.uint8)  # a model holding uint8: -1 would become 255
+    with pytest.raises(ValueError, match=r"^1 integer tensors would change value as torch.uint8 \(e.g. bn1.num_"):
+        load_strict(into, weights, "bad.pth")

@@ -49,8 +49,9 @@ def test_demo_reaches_90_percent_top1(tmp_path) -> None:
     # the folder README.md lists (W&B disabled here: no wandb_run_id, no wandb/), each .pth with its .sha256
     newest = f"epoch_{epochs - 1:04d}.pth"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["best.pth", "best.pth.sha256", "config.yaml", newest, f"{newest}.sha256", "last.pth", "last.pth.sha256",
-         "summary.csv"])
+        ["FINISHED", "best.pth", "best.pth.sha256", "config.yaml", newest, f"{newest}.sha256", "last.pth",
+         "last.pth.sha256", "summary.csv"])
+    assert (out / "FINISHED").read_text() == f"epoch {epochs}, step {rows[-1]['step']}\n"
     # the only print is the final result line, and it agrees with summary.csv
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("final val top-1"), proc.stdout

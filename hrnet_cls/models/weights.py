@@ -88,6 +88,11 @@ def load_strict(model: nn.Module, weights: Mapping[str, torch.Tensor], name: str
         raise ValueError(f"weights do not fit {what} with {getattr(model, 'num_classes', '?')} classes: "
                          + "; ".join(problems))
     own = model.state_dict()
+    changed = [k for k in own if k in weights and not weights[k].is_floating_point() and weights[k].dtype != own[k].dtype
+               and not torch.equal(weights[k].to(own[k].dtype).to(weights[k].dtype), weights[k])]
+    if changed:
+        raise ValueError(f"{len(changed)} integer tensors would change value as {own[changed[0]].dtype} "
+                         f"(e.g. {changed[0]}: {weights[changed[0]].dtype})")
     cast = sorted({(str(weights[k].dtype), str(own[k].dtype)) for k in own if k in weights
                    and weights[k].dtype != own[k].dtype})
     if cast:  # load_state_dict copies into the model's tensors, converting: say so, it can lose precision

@@ -38,6 +38,7 @@ BEST = "best.pth"  # copy of last.pth when val top-1 improved
 EPOCH_GLOB = "epoch_[0-9]*.pth"  # copies of last.pth after each epoch, the checkpoint.keep newest
 SUMMARY = "summary.csv"  # one row per epoch (train.tracking)
 PREEMPTED = "PREEMPTED"  # left by a stop signal's save; removed by the next start
+FINISHED = "FINISHED"  # left when the last epoch's checkpoint is written and verified; removed by a start that trains
 WANDB_ID = "wandb_run_id"  # a resumed run logs to the same W&B run
 
 __all__ = ["Checkpointer", "RunDirError", "Start"]
@@ -140,9 +141,13 @@ class Checkpointer:
             stale.unlink(missing_ok=True)
         (self.path / PREEMPTED).unlink(missing_ok=True)  # only now: a refused folder is left as it was
         if path is None:
+            (self.path / FINISHED).unlink(missing_ok=True)
             return Start()
         position = Position.of(state)
-        return Start(path, position, position.epoch >= epochs and position.batch_in_epoch == 0, state)
+        finished = position.epoch >= epochs and position.batch_in_epoch == 0
+        if not finished:  # more epochs to train: not finished any more
+            (self.path / FINISHED).unlink(missing_ok=True)
+        return Start(path, position, finished, state)
 
     def _prepare(self) -> None:
         """Create the folder (and parents) or fail in one line: not a directory, read-only, no space."""
@@ -347,6 +352,12 @@ class Checkpointer:
         self.writer.wait()
         if self.is_main and self.last.is_file():
             verify(self.last)
+
+    def mark_finished(self, where: str) -> None:
+        """After the last save is verified: the marker a requeue script tells done by, whatever status torchrun
+        reports (a signal that reaches it during the final save makes that 1)."""
+        if self.is_main:
+            write_atomic(self.path / FINISHED, f"{where}\n")
 
     def stop(self, where: str) -> str:
         """After a stop's save: finish it, leave PREEMPTED (torchrun reports any worker exit as status
