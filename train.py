@@ -24,7 +24,8 @@ from torch import nn
 
 from hrnet_cls.atomic import verify
 from hrnet_cls.config import Config, ConfigError, check_model_name, load_config
-from hrnet_cls.data import LabelError, build_train_loader, build_val_loader, expand_urls
+from hrnet_cls.data import LabelError, TrainLoader, ValLoader, build_train_loader, build_val_loader, expand_urls
+from hrnet_cls.data.remote import NetworkError
 from hrnet_cls.data.sources import info_num_classes
 from hrnet_cls.distributed import DistInfo, broadcast_buffers, cleanup, init_distributed
 from hrnet_cls.errors import RunDirError, one_line, os_error_line
@@ -111,27 +112,39 @@ def set_numerics(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
-def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run: Checkpointer,
-          stop: StopRequest, started: float) -> str:
-    """Blocks 4 to 7 of main(); returns the final line. Raises what ending() turns into a status."""
-    # 4. Start the run: rank 0 locks the folder and decides new / resume / finished / refused
-    start = run.start(cfg.schedule.epochs)
-    if start.finished:
-        top1 = start.position.metrics.get("val_top1", float("nan"))
-        return (f"already finished: {start.checkpoint} ended epoch {start.position.epoch} with val top-1 "
-                f"{top1:.2f}%; to train again, use a new checkpoint.output_dir")
-
-    # 5. Build the loaders and the training objects; the model to its device, layout and SyncBN
+def build_loaders(cfg: Config, info: DistInfo) -> tuple[TrainLoader, ValLoader]:
+    """This rank's training and validation loaders."""
     d, pin = cfg.data, info.device.type == "cuda"
     train_loader = build_train_loader(d.train_shards, batch_size=d.batch_size, img_size=d.img_size,
                                       seed=cfg.train.seed, epoch=0, rank=info.rank, world_size=info.world_size,
                                       workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin,
                                       scale=tuple(d.scale), ratio=tuple(d.ratio), hflip=d.hflip,
                                       interpolation=d.interpolation, auto_augment=d.auto_augment,
-                                      color_jitter=d.color_jitter)
+                                      color_jitter=d.color_jitter, retries=d.retries, read_timeout_s=d.read_timeout_s)
     val_loader = build_val_loader(d.val_shards, batch_size=d.val_batch_size, img_size=d.img_size,
                                   crop_pct=d.crop_pct, rank=info.rank, world_size=info.world_size,
-                                  workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin)
+                                  workers=d.workers, num_classes=cfg.model.num_classes, pin_memory=pin,
+                                  retries=d.retries, read_timeout_s=d.read_timeout_s)
+    return train_loader, val_loader
+
+
+def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run: Checkpointer,
+          stop: StopRequest, started: float) -> str:
+    """Blocks 4 to 8 of main(); returns the final line. Raises what ending() turns into a status."""
+    # 4. Plan the data: the loaders (shards or an index that cannot be read stop here, before any output)
+    try:
+        train_loader, val_loader = build_loaders(cfg, info)
+    except ValueError as e:  # no batch to fill, a bad index: exit 2, nothing written
+        raise RunDirError(f"data: {e}") from None
+
+    # 5. Start the run: rank 0 locks the folder and decides new / resume / finished / refused
+    start = run.start(cfg.schedule.epochs)
+    if start.finished:
+        top1 = start.position.metrics.get("val_top1", float("nan"))
+        return (f"already finished: {start.checkpoint} ended epoch {start.position.epoch} with val top-1 "
+                f"{top1:.2f}%; to train again, use a new checkpoint.output_dir")
+
+    # 6. Build the training objects: the model to its device, layout and SyncBN
     if cfg.train.sync_bn and info.world_size > 1:
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(info.device, memory_format=torch.channels_last if cfg.train.channels_last else torch.contiguous_format)
@@ -139,7 +152,7 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
                 sum(p.numel() for p in net.parameters()) / 1e6, info.device, info.world_size)
     parts = build_parts(cfg, info, net, precision)
 
-    # 6. Restore the loader, seed, weights, optimizer, EMA and RNG; then the records
+    # 7. Restore the loader, seed, weights, optimizer, EMA and RNG; then the records
     position = run.restore(start, parts, train_loader, info, cfg.train.seed)
     if position.batch_in_epoch and cfg.train.grad_accum_steps > 1:  # saves are at step boundaries only
         logger.info("resuming after micro-batch %d of epoch %d: accumulation cycles of %d count from here (%s)",
@@ -149,10 +162,10 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
     run.write_config()
     tracker = Tracker(cfg.wandb, run, start_epoch=position.epoch, resuming=start.checkpoint is not None)
     logger.info("%d epochs x %d steps of %d x %d x %d images, precision %s", cfg.schedule.epochs,
-                -(-train_loader.batches_per_epoch // cfg.train.grad_accum_steps), d.batch_size, info.world_size,
+                -(-train_loader.batches_per_epoch // cfg.train.grad_accum_steps), cfg.data.batch_size, info.world_size,
                 cfg.train.grad_accum_steps, precision.name)
 
-    # 7. The epoch loop: train, validate, record the row, save; a stop signal saves and exits 75
+    # 8. The epoch loop: train, validate, record the row, save; a stop signal saves and exits 75
     step, last = position.step, position.metrics
     try:
         for epoch in range(position.epoch, cfg.schedule.epochs):
@@ -173,12 +186,17 @@ def train(cfg: Config, info: DistInfo, precision: Precision, net: nn.Module, run
                     broadcast_buffers(model)  # every rank validates (and trains on from) rank 0's BN statistics
                 val = evaluate(models, val_loader, normalize=val_loader.normalize, device=parts.device,
                                precision=parts.precision, memory_format=parts.memory_format)
+            listed = sum(val_loader.plan.lengths)
+            partial = bool(val) and val["val_samples"] < listed
+            if partial:  # bad samples left out: a top-1 over part of the set never picks best.pth
+                logger.warning("epoch %d validated on %d of the %d listed images: best.pth is not chosen on it",
+                               epoch, val["val_samples"], listed)
             last = val or last
             row = {**trained.metrics(), **val, "epoch_time_s": trained.train_time_s + time.perf_counter() - began,
                    "checkpoint_s": run.take_seconds(), "skipped": trained.skipped + val.get("val_skipped", 0)}
             tracker.log_epoch(epoch, row)  # before the save: a resume from it keeps this row
             log_epoch(epoch, cfg.schedule.epochs, row)
-            run.save_epoch(parts, train_loader, epoch, step, val)
+            run.save_epoch(parts, train_loader, epoch, step, val, rank_best=not partial)
             if epoch + 1 < cfg.schedule.epochs and stop.agree():  # a signal during validation or the save
                 raise Preempted(run.stop(f"epoch {epoch + 1}, batch 0, step {step}"))
         run.finish()  # the last checkpoint written and verified before the final line
@@ -199,7 +217,7 @@ def log_epoch(epoch: int, epochs: int, row: dict) -> None:
                 row["images_per_s"], row["skipped"])
 
 
-ENDINGS = (RunDirError, NonFiniteLossError, Preempted, LabelError, BadDataError, OSError, RuntimeError)
+ENDINGS = (RunDirError, NonFiniteLossError, Preempted, LabelError, BadDataError, NetworkError, OSError, RuntimeError)
 
 
 def ending(exc: BaseException, info: DistInfo, run: Checkpointer) -> tuple[int, str]:
@@ -211,7 +229,7 @@ def ending(exc: BaseException, info: DistInfo, run: Checkpointer) -> tuple[int, 
     if isinstance(exc, Preempted):  # stop signals have been ignored since the stop was agreed
         return PREEMPTED_EXIT, (f"train.py: preempted at {exc}: checkpoint saved in {run.path}; rerun the same "
                                 "command to continue")
-    if isinstance(exc, LabelError):  # re-raised from a worker by torch: its reason is the line
+    if isinstance(exc, (LabelError, NetworkError)):  # re-raised from a worker by torch: its reason is the line
         return 1, f"train.py: error: {exc.reason}"
     if isinstance(exc, BadDataError):  # raised on every rank alike: rank 0 says it
         return 1, f"train.py: error: {exc}" if info.is_main else ""
@@ -246,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(info.control_group).install()
     run = Checkpointer(cfg.checkpoint, recipe=cfg, is_main=info.is_main)
     try:
-        status, line = 0, train(cfg, info, precision, net, run, stop, started)  # blocks 4-7
+        status, line = 0, train(cfg, info, precision, net, run, stop, started)  # blocks 4-8
     except ENDINGS as exc:
         status, line = ending(exc, info, run)
     finally:
@@ -255,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.restore()
         cleanup()
 
-    # 8. The end: one status and one line; status 1 may be one rank's own (a bad label, a lost peer)
+    # 9. The end: one status and one line; status 1 may be one rank's own (a bad label, a lost peer)
     if line and (info.is_main or status == 1):
         print(line, file=sys.stdout if status == 0 else sys.stderr, flush=True)
     return status

@@ -15,6 +15,7 @@ import torch
 
 from hrnet_cls.config import MIN_IMG_SIZE
 from hrnet_cls.data import expand_urls
+from hrnet_cls.data.remote import READ_TIMEOUT_S, RETRIES
 from hrnet_cls.distributed import barrier, choose_device, cleanup, init_distributed
 from hrnet_cls.precision import PRECISIONS, Precision
 from hrnet_cls.validation import (RESULT_FORMATS, Row, SweepError, SweepSettings, build_rows, checkpoint_specs,
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="e.g. cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--max-models-per-pass", type=int, default=0, metavar="N",
                    help="models resident at once per preprocessing group (0 = all of them)")
+    p.add_argument("--retries", type=int, default=RETRIES, metavar="N",
+                   help="times a remote shard read (http(s), pipe:) that is cut or stalls is continued")
+    p.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S, metavar="S",
+                   help="seconds without data before a remote read counts as failed")
     p.add_argument("--results-file", default="", metavar="OUT",
                    help="write the rows to OUT: timm's validate.py columns first, then ours")
     p.add_argument("--results-format", choices=RESULT_FORMATS, default="",
@@ -80,6 +85,8 @@ def check_usage(args: argparse.Namespace) -> None:
             raise UsageError(f"--results-file {args.results_file}: {why}")
     if any(not 0 < crop <= 1 for crop in args.crop_pct):
         raise UsageError(f"--crop-pct values must lie in (0, 1], got {args.crop_pct}")
+    if args.retries < 0 or args.read_timeout_s <= 0:
+        raise UsageError("--retries must be >= 0 and --read-timeout-s > 0")
     if args.batch_size < 1 or args.workers < 0 or args.max_models_per_pass < 0:
         raise UsageError("--batch-size must be >= 1, --workers and --max-models-per-pass >= 0")
     if args.num_classes is not None and args.num_classes < 1:
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d shard(s) of %s: %d samples expected (%s)", len(shards), args.data, expected, source)
     settings = SweepSettings(tuple(shards), expected, source, args.batch_size, args.workers, device, precision,
                              args.channels_last, args.use_ema, args.max_models_per_pass, not args.no_fold_bn,
-                             args.compile)
+                             args.compile, args.retries, args.read_timeout_s)
     dist_info = init_distributed(device=device)  # the backend follows the device: gloo for cpu, NCCL for its GPU
     try:
         specs = checkpoint_specs(args.checkpoint) + model_specs(args.model, args.weights)

@@ -83,6 +83,10 @@ class DataConfig:
     re_mode: str = doc("pixel", 'Random-erasing fill: "pixel" (per-pixel normal noise) | "rand" (per channel) | '
                                 '"const" (zeros).')
     re_count: int = doc(1, "Most erased boxes per image (timm's max_count).")
+    retries: int = doc(3, "Times a remote shard read (http(s), pipe:) that is cut or stalls is opened again and "
+                          "continued at the sample where it broke; then the run stops naming the URL.")
+    read_timeout_s: float = doc(30.0, "Seconds a remote read may go without receiving data before it counts as "
+                                      "failed (and is retried).")
     max_bad_fraction: float = doc(
         0.01, "Most bad training samples (missing, unlabelled, undecodable) per image trained in an epoch, "
               "checked every log_interval steps once 10,000 images are in, and at the epoch end; past it the "
@@ -424,6 +428,8 @@ def _validate_augment(d: DataConfig) -> None:
     _require(0.0 <= d.re_prob <= 1.0, f"data.re_prob must be in [0, 1], got {d.re_prob}")
     _require(d.re_mode in RE_MODES, f"data.re_mode must be one of {RE_MODES}, got {d.re_mode!r}")
     _require(d.re_count >= 1, f"data.re_count must be >= 1, got {d.re_count}")
+    _require(d.retries >= 0, f"data.retries must be >= 0, got {d.retries}")
+    _require(d.read_timeout_s > 0, f"data.read_timeout_s must be > 0 seconds, got {d.read_timeout_s}")
     if d.auto_augment:
         from hrnet_cls.data.augment import build_augment  # deferred: timm's transforms
 

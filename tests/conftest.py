@@ -66,10 +66,17 @@ def three_epoch_run(tmp_path_factory) -> Path:
     return tmp
 
 
+def layered(*overrides: str) -> list[str]:
+    """Overrides with a later one replacing an earlier one of the same key (train.py refuses a key given twice):
+    the tests layer a change on a shared recipe."""
+    last = {item.partition("=")[0]: item for item in overrides}
+    return list(last.values())
+
+
 def train_command(*overrides: str, nproc: int = 0) -> list[str]:
     """train.py on the demo recipe; nproc > 0: under torchrun with that many gloo processes."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    return [*(launcher if nproc else [sys.executable]), "train.py", "--config", "demo_digits.yaml", *overrides]
+    return [*(launcher if nproc else [sys.executable]), "train.py", "--config", "demo_digits.yaml", *layered(*overrides)]
 
 
 def run_train(tmp_path: Path, *overrides: str, wandb: str = "disabled", timeout: float = 900, nproc: int = 0,

@@ -2,6 +2,7 @@
 before any work or output, and nothing converted without a word."""
 from __future__ import annotations
 
+import csv
 import logging
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import DIGITS_VAL, REPO, subprocess_env, tiny_model
+from conftest import DIGITS_VAL, REPO, id_png, id_shards, subprocess_env, tiny_model, write_shards
 from hrnet_cls.config import ConfigError, load_config
 from hrnet_cls.models.weights import load_strict
 
@@ -74,3 +75,19 @@ def test_an_integer_buffer_that_would_change_value_is_an_error() -> None:
     into.bn1.num_batches_tracked = torch.tensor(0, dtype=torch.uint8)  # a model holding uint8: -1 would become 255
     with pytest.raises(ValueError, match=r"^1 integer tensors would change value as torch.uint8 \(e.g. bn1.num_"):
         load_strict(into, weights, "bad.pth")
+
+
+@pytest.mark.slow  # trains one epoch
+def test_an_epoch_validated_on_part_of_the_set_never_picks_best(tmp_path) -> None:
+    train = id_shards(tmp_path / "data", "train", [64])
+    good = [(f"v{i:03d}", {"png": id_png(i), "cls": str(i % 10).encode()}) for i in range(30)]
+    val = write_shards(tmp_path / "data", "val", [good + [("junk", {"jpg": b"\xff\xd8 not a jpeg", "cls": b"1"})]])
+    out = tmp_path / "run"
+    proc = run(tmp_path, "train.py", "--config", "demo_digits.yaml", f"data.train_shards={train}",
+               f"data.val_shards={val}", "data.batch_size=16", "data.workers=0", "schedule.epochs=1",
+               "data.max_bad_fraction=1", f"checkpoint.output_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "epoch 0 validated on 30 of the 31 listed images: best.pth is not chosen on it" in proc.stderr
+    assert not (out / "best.pth").exists() and (out / "last.pth").exists()
+    (row,) = list(csv.DictReader((out / "summary.csv").open()))
+    assert row["val_samples"] == "30" and row["skipped"] == "1"

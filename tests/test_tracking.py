@@ -114,10 +114,12 @@ def test_summary_csv_rows(tmp_path, wandb_env) -> None:
         rows = list(csv.DictReader(f))
     # the documented column order (README), written out: a reordered column breaks readers of the file
     assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "val_loss", "val_top1", "val_top5", "epoch_time_s",
-                             "images_per_s", "skipped", "train_images", "checkpoint_s"] == list(SUMMARY_COLUMNS)
+                             "images_per_s", "skipped", "train_images", "checkpoint_s",
+                             "val_samples"] == list(SUMMARY_COLUMNS)
     assert rows == [{"epoch": "0", "step": "", "lr": "0.1", "train_loss": "2", "val_loss": "",
                      "val_top1": "50", "val_top5": "80", "epoch_time_s": "12.5",
-                     "images_per_s": "1000", "skipped": "0", "train_images": "12500", "checkpoint_s": "0.25"}]
+                     "images_per_s": "1000", "skipped": "0", "train_images": "12500", "checkpoint_s": "0.25",
+                     "val_samples": ""}]
     assert not list(tmp_path.glob("**/offline-run-*"))  # disabled: no W&B files
 
 

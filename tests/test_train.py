@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import (DIGITS_VAL_SAMPLES as VAL_SIZE, REPO, RESUME_RECIPE, TINY_RECIPE, TINY_STEPS_PER_EPOCH,
-                      digits_subset, load_script, read_offline_run, read_offline_runs, run_train, subprocess_env)
+                      digits_subset, layered, load_script, read_offline_run, read_offline_runs, run_train,
+                      subprocess_env)
 from hrnet_cls.atomic import verify
 from hrnet_cls.config import load_config
 
@@ -183,7 +184,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(three_epoch_run
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(whole_run, tmp_path) -> None:
     common = [*RESUME_RECIPE, "checkpoint.save_interval=1", "train.log_interval=5"]  # background writes at every step
     killed = tmp_path / "killed"
-    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
+    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *layered(*common, f"checkpoint.output_dir={killed}")]
     victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path, wandb="offline"), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -240,7 +241,7 @@ def test_a_modern_recipe_killed_and_resumed_ends_bit_identical(tmp_path) -> None
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     proc = train(tmp_path, *common, f"checkpoint.output_dir={whole}", OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *common, f"checkpoint.output_dir={killed}"]
+    cmd = [sys.executable, "train.py", "--config", "demo_digits.yaml", *layered(*common, f"checkpoint.output_dir={killed}")]
     victim = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(tmp_path, OMP_NUM_THREADS="1"),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -271,8 +272,8 @@ def test_a_modern_recipe_killed_and_resumed_ends_bit_identical(tmp_path) -> None
 def test_two_gloo_processes_under_torchrun(tmp_path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--config", "demo_digits.yaml", *TINY, "data.batch_size=16", "schedule.epochs=1",
-           "train.ema=true", f"checkpoint.output_dir={out}", "wandb.name=ddp"]
+           "--config", "demo_digits.yaml", *layered(*TINY, "data.batch_size=16", "schedule.epochs=1",
+           "train.ema=true", f"checkpoint.output_dir={out}", "wandb.name=ddp")]
     env = subprocess_env(tmp_path, wandb="offline")
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -21,6 +21,8 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls as wds_expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from hrnet_cls.data.remote import BACKOFF_S, READ_TIMEOUT_S, RETRIES, NetworkError, has_command, open_remote
+
 logger = logging.getLogger(__name__)
 
 INFO_NAME = "_info.json"
@@ -94,8 +96,9 @@ def _info_location(urls_or_dir: str | Sequence[str]) -> str | None:
         first = expand_urls(urls_or_dir)[0]
     else:  # already expanded: no globbing again
         first = wds_expand_urls(os.fspath(urls_or_dir[0]))[0]
-    if first.startswith("pipe:"):
-        return None
+    if first.startswith("pipe:"):  # the same command for the index: the shard's file name replaced
+        name = re.search(r"[^\s/'\"]+\.tar\b", first)
+        return None if name is None else first[:name.start()] + INFO_NAME + first[name.end():]
     if _is_remote(first):
         return first.rsplit("/", 1)[0] + "/" + INFO_NAME
     return os.path.join(os.path.dirname(first), INFO_NAME)
@@ -106,7 +109,7 @@ def load_info_file(where: str) -> dict | None:
     if not (_is_remote(where) or os.path.isfile(where)):
         return None
     try:
-        with gopen(where) as f:
+        with open_remote(where) if has_command(where) else gopen(where) as f:
             info = json.load(f)
     except Exception as exc:  # noqa: BLE001 - JSON, OS and transport errors all mean "unreadable"
         raise ValueError(f"{where}: unreadable ({exc})") from None
@@ -147,12 +150,25 @@ def _known_lengths(info: dict | None, where: str | None) -> dict[str, int]:
 
 def _open_tar(url: str) -> tarfile.TarFile:
     if _is_remote(url):
-        return tarfile.open(fileobj=gopen(url), mode="r|*")
+        return tarfile.open(fileobj=open_remote(url) if has_command(url) else gopen(url), mode="r|*")
     return tarfile.open(url, mode="r:*")  # seekable: iterating members skips file data
 
 
-def count_samples(url: str) -> int:
-    """Samples (distinct consecutive keys) in one shard; of a damaged one, those wholly inside its readable part."""
+def count_samples(url: str, retries: int = RETRIES) -> int:
+    """Samples (distinct consecutive keys) in one shard; of a damaged one, those wholly inside its readable part.
+    A remote read that fails is retried, and after ``retries`` raises NetworkError: never a shorter count."""
+    for attempt in range(retries + 1):
+        try:
+            return _count(url)
+        except NetworkError as exc:
+            if attempt == retries:
+                raise NetworkError(f"{exc} (counting its samples; {retries} retries failed)") from None
+            logger.warning("%s; counting again, retry %d of %d", exc, attempt + 1, retries)
+            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+    raise AssertionError("unreachable")
+
+
+def _count(url: str) -> int:
     count, last = 0, None
     try:
         size = None if _is_remote(url) else os.path.getsize(url)
@@ -164,6 +180,8 @@ def count_samples(url: str) -> int:
                 if key is not None and key != last:
                     count, last = count + 1, key
     except (OSError, tarfile.TarError, ValueError) as exc:
+        if isinstance(exc.__context__, NetworkError):  # tarfile wraps the stream's error
+            raise exc.__context__ from None
         warn("%s: counted %d samples before %r", url, count, exc)
     return count
 
@@ -260,6 +278,9 @@ class SkipCounter:
 def _handler(stage: str, url: str) -> Callable[[Exception], bool]:
     """Per-stage webdataset error handler: warn and carry on with what is readable."""
     def handle(exc: Exception) -> bool:
+        network = exc if isinstance(exc, NetworkError) else exc.__context__
+        if isinstance(network, NetworkError):  # a transport fault: retried by read_segment, never bad data
+            raise NetworkError(network.message) from None
         warn("%s: %s stage: %r; skipping what it could not read", url, stage, exc)
         return True
     return handle
@@ -284,23 +305,43 @@ def _check_sample(sample: dict, num_classes: int | None, url: str) -> tuple[str,
     return key, image, target
 
 
-def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter) -> Iterator[RawSample]:
-    """Usable samples of ``seg``; unusable, unreadable or missing ones are added to ``skipped``."""
+def read_segment(seg: Segment, num_classes: int | None, skipped: SkipCounter, retries: int = RETRIES,
+                 read_timeout_s: float = READ_TIMEOUT_S) -> Iterator[RawSample]:
+    """Usable samples of ``seg``; unusable, unreadable or missing ones are added to ``skipped``. A remote read
+    that is cut or stalls is opened again and continues at the sample where it broke (each sample is still
+    read once), ``retries`` times; then NetworkError names the shard: a network failure, never bad data."""
+    done = [seg.start]  # the next sample wanted, kept across attempts
+    for attempt in range(retries + 1):
+        try:
+            yield from _read_from(seg, done, num_classes, skipped, read_timeout_s)
+            return
+        except NetworkError as exc:
+            if attempt == retries:
+                raise NetworkError(f"{exc}; {retries} retries failed at sample {done[0]} of its {seg.start}.."
+                                   f"{seg.stop}") from None
+            logger.warning("%s; retry %d of %d from sample %d", exc, attempt + 1, retries, done[0])
+            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
+
+
+def _read_from(seg: Segment, done: list[int], num_classes: int | None, skipped: SkipCounter,
+               read_timeout_s: float) -> Iterator[RawSample]:
+    """read_segment's samples from index ``done[0]`` on, in one read of the shard, advancing ``done[0]``."""
+    remote = has_command(seg.url)
     try:
-        stream = gopen(seg.url)
-    except Exception as exc:  # noqa: BLE001 - a missing or unreachable shard is skipped, not fatal
-        warn("%s: cannot open (%r); skipping its %d samples", seg.url, exc, seg.stop - seg.start)
-        skipped.add(seg.url, seg.stop - seg.start)
+        stream = open_remote(seg.url, read_timeout_s) if remote else gopen(seg.url)
+    except Exception as exc:  # noqa: BLE001 - a missing or unreachable local shard is skipped, not fatal
+        warn("%s: cannot open (%r); skipping its %d samples", seg.url, exc, seg.stop - done[0])
+        skipped.add(seg.url, seg.stop - done[0])
         return
-    seen = 0
+    seen = done[0] - seg.start
     try:
         files = tar_file_expander([{"url": seg.url, "stream": stream}], handler=_handler("tar", seg.url))
         for index, sample in enumerate(group_by_keys(files, handler=_handler("group", seg.url))):
             if index >= seg.stop:
                 break
-            if index < seg.start:
+            if index < done[0]:
                 continue
-            seen += 1
+            seen, done[0] = seen + 1, index + 1
             checked = _check_sample(sample, num_classes, seg.url)
             if isinstance(checked, str):
                 warn("%s: %s; skipped", seg.url, checked)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from hrnet_cls.data.augment import augment_crop, build_augment
+from hrnet_cls.data.remote import READ_TIMEOUT_S, RETRIES
 from hrnet_cls.data.sources import (
     RawSample,
     Segment,
@@ -70,6 +71,8 @@ class TrainPlan:
     hflip: float
     auto_augment: str = ""  # timm's policy string, applied to each crop ("" = none)
     color_jitter: float = 0.0
+    retries: int = RETRIES  # of a remote read that is cut or stalls
+    read_timeout_s: float = READ_TIMEOUT_S
     exclude: bytes = b""  # np.packbits of the positions already trained on ("" = none): a remainder plan
     short: tuple[tuple[str, int], ...] = ()  # (shard, listed samples it lacks): charged to rank 0's batch 0
 
@@ -140,7 +143,7 @@ def _slot_stream(plan: TrainPlan, slot: int, skipped: SkipCounter) -> Iterator[R
         return
     for start, stop in plan.reads(slot):
         for seg in _segments(plan, start, stop):
-            for raw in read_segment(seg, plan.num_classes, skipped):
+            for raw in read_segment(seg, plan.num_classes, skipped, plan.retries, plan.read_timeout_s):
                 if excluded is None or not excluded[raw[3]]:
                     yield raw
                     recent.append(raw)
@@ -334,7 +337,8 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
                        shuffle_buffer: int = 1000, num_classes: int | None = None,
                        interpolation: str = "bilinear", scale: tuple[float, float] = (0.08, 1.0),
                        ratio: tuple[float, float] = (3 / 4, 4 / 3), hflip: float = 0.5, auto_augment: str = "",
-                       color_jitter: float = 0.0, pin_memory: bool = False) -> TrainLoader:
+                       color_jitter: float = 0.0, retries: int = RETRIES, read_timeout_s: float = READ_TIMEOUT_S,
+                       pin_memory: bool = False) -> TrainLoader:
     """Training batches of RandomResizedCrop(img_size) + flip + normalise for one rank, from ``start_batch`` on;
     ``shuffle_buffer`` is in samples per worker (that many encoded images, ~110 KB each for ImageNet)."""
     check_common(batch_size, img_size, rank, world_size, workers, interpolation)
@@ -344,7 +348,7 @@ def build_train_loader(urls: str | Sequence[str], *, batch_size: int, img_size: 
     plan = TrainPlan(tuple(shard_urls), tuple(lengths), batch_size, img_size, seed, epoch, rank, world_size,
                      max(1, workers), start_batch, max(1, shuffle_buffer), num_classes_of(info, num_classes),
                      tuple(mean), tuple(std), interpolation, tuple(scale), tuple(ratio), hflip, auto_augment,
-                     color_jitter, short=tuple(short.items()))
+                     color_jitter, retries, read_timeout_s, short=tuple(short.items()))
     if plan.batches == 0:
         raise ValueError(f"{plan.samples} training samples in {urls!r} fill no batch of {batch_size} "
                          f"on each of {world_size} process(es); lower the batch size")

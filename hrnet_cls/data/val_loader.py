@@ -7,6 +7,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from hrnet_cls.data.remote import READ_TIMEOUT_S, RETRIES
 from hrnet_cls.data.sources import Segment, SkipCounter, expand_urls, num_classes_of, read_info, read_segment
 from hrnet_cls.data.sources import shard_lengths, warn
 from hrnet_cls.data.transforms import (
@@ -36,6 +37,8 @@ class ValPlan:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     interpolation: str
+    retries: int = RETRIES  # of a remote read that is cut or stalls
+    read_timeout_s: float = READ_TIMEOUT_S
 
     def slot_range(self, slot: int) -> tuple[int, int]:
         """[lo, hi) of the sequence of all samples read by this rank's ``slot``."""
@@ -61,7 +64,7 @@ def _val_slot_batches(plan: ValPlan, slot: int) -> Iterator[tuple[torch.Tensor, 
     images = torch.empty(plan.batch_size, 3, plan.img_size, plan.img_size, dtype=torch.uint8)
     targets: list[int] = []
     for seg in plan.segments(slot):
-        for key, data, target, _ in read_segment(seg, plan.num_classes, skipped):
+        for key, data, target, _ in read_segment(seg, plan.num_classes, skipped, plan.retries, plan.read_timeout_s):
             try:
                 pixels = eval_crop(data, plan.img_size, plan.resize, interpolation=plan.interpolation)
             except DecodeError as exc:
@@ -122,6 +125,7 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
                      rank: int = 0, world_size: int = 1, workers: int = 2,
                      mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD,
                      interpolation: str = "bilinear", num_classes: int | None = None,
+                     retries: int = RETRIES, read_timeout_s: float = READ_TIMEOUT_S,
                      pin_memory: bool = False) -> ValLoader:
     """Evaluation batches (shorter side to eval_resize(img_size, crop_pct), centre crop img_size); a worker's
     last batch may be short, and a worker whose every sample was bad yields one empty batch with its skips."""
@@ -132,5 +136,6 @@ def build_val_loader(urls: str | Sequence[str], *, batch_size: int, img_size: in
     info = read_info(shard_urls)
     plan = ValPlan(tuple(shard_urls), tuple(shard_lengths(shard_urls)), batch_size, img_size,
                    eval_resize(img_size, crop_pct), rank, world_size, max(1, workers),
-                   num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation)
+                   num_classes_of(info, num_classes), tuple(mean), tuple(std), interpolation, retries,
+                   read_timeout_s)
     return ValLoader(plan, workers, pin_memory)

@@ -256,11 +256,11 @@ class Checkpointer:
     # ------------------------------------------------------------ saves (collective; rank 0 writes)
 
     def save_epoch(self, parts: TrainParts, loader: TrainLoader, epoch: int, step: int,
-                   metrics: Mapping[str, float]) -> None:
+                   metrics: Mapping[str, float], rank_best: bool = True) -> None:
         """After epoch ``epoch`` (0-based): last.pth, epoch_XXXX.pth, and best.pth when ``metrics``
-        (this epoch's validation, {} if none) improved val top-1."""
+        (this epoch's validation, {} if none) improved val top-1 and ``rank_best`` (the whole set validated)."""
         self.metrics = dict(metrics) or self.metrics
-        self._save(parts, loader, Position(epoch + 1, step, 0), metrics.get("val_top1"))
+        self._save(parts, loader, Position(epoch + 1, step, 0), metrics.get("val_top1") if rank_best else None)
 
     def save_mid(self, parts: TrainParts, loader: TrainLoader, epoch: int, batch: int, step: int,
                  sums: EpochSums) -> None:

@@ -37,6 +37,7 @@ SUMMARY_COLUMNS = (
     "skipped",  # samples skipped by the data pipeline (unreadable images)
     "train_images",  # images trained on in the epoch, all processes (across a resume: the whole epoch)
     "checkpoint_s",  # seconds the loop waited on checkpoints since the previous row (its epoch-end save included)
+    "val_samples",  # images validated; fewer than listed (bad samples left out): the row picks no best.pth
 )
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 _CHECK_OVERHEAD_S = 10.0  # beyond connect_timeout_s, for the check's own start (importing wandb: ~0.5 s)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from hrnet_cls.data import build_val_loader, read_info, shard_lengths
+from hrnet_cls.data.remote import READ_TIMEOUT_S, RETRIES
 from hrnet_cls.data.transforms import Normalize
 from hrnet_cls.distributed import DistInfo, all_gather_object
 from hrnet_cls.errors import one_line
@@ -44,6 +45,8 @@ class SweepSettings:
     max_models_per_pass: int = 0
     fold_bn: bool = True
     compile: bool = False  # torch.compile each model, weights frozen
+    retries: int = RETRIES  # of a remote read that is cut or stalls
+    read_timeout_s: float = READ_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,7 @@ def _batches(settings: SweepSettings, prep: Preprocess, dist_info: DistInfo) -> 
     yield from build_val_loader(
         list(s.shards), batch_size=s.batch_size, img_size=p.img_size, crop_pct=p.crop_pct, rank=dist_info.rank,
         world_size=dist_info.world_size, workers=s.workers, mean=p.mean, std=p.std, interpolation=p.interpolation,
-        pin_memory=s.device.type == "cuda")
+        retries=s.retries, read_timeout_s=s.read_timeout_s, pin_memory=s.device.type == "cuda")
 
 
 def run_pass(rows: Sequence[Row], settings: SweepSettings, dist_info: DistInfo,
