@@ -167,6 +167,7 @@ def test_sigusr1_to_every_rank_then_two_processes_continue_a_one_process_run(tmp
     resumed = run_train(tmp_path, *RECIPE, f"checkpoint.output_dir={out}", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "part-way under another layout (1 x 32 (workers 1) then, 2 x 32 (workers 1) now)" in resumed.stderr
+    assert resumed.stderr.count("differs from the checkpoint's 32 (1 x 32)") == 1  # said once, not once per rank
     done = load(out / "last.pth")
     left = (360 - stopped["batch_in_epoch"] * 32) // 64
     assert done["epoch"] == 2 and done["step"] == stopped["step"] + left + 5 and len(done["rng"]) == 2

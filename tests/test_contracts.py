@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 
 from conftest import DIGITS_VAL, REPO, id_png, id_shards, subprocess_env, tiny_model, write_shards
@@ -91,3 +92,14 @@ def test_an_epoch_validated_on_part_of_the_set_never_picks_best(tmp_path) -> Non
     assert not (out / "best.pth").exists() and (out / "last.pth").exists()
     (row,) = list(csv.DictReader((out / "summary.csv").open()))
     assert row["val_samples"] == "30" and row["skipped"] == "1"
+
+
+def test_a_wrong_shape_init_from_is_exit_2_and_leaves_no_folder(tmp_path) -> None:
+    weights = tmp_path / "w18.pth"
+    torch.save(timm.create_model("hrnet_w18_small_c", num_classes=10).state_dict(), weights)
+    out = tmp_path / "runs" / "new"
+    proc = run(tmp_path, "train.py", "--config", "demo_digits.yaml", f"model.init_from={weights}",
+               f"checkpoint.output_dir={out}")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(
+        f"train.py: error: model.init_from {weights}: cannot start from it: weights do not fit")
+    assert not (tmp_path / "runs").exists()
