@@ -80,8 +80,8 @@ DEMO_HEADER = """\
 #   torchrun --nproc_per_node=2 train.py --config demo_digits.yaml
 #
 # Target: >= 90% val top-1 in < 3 minutes on 2 CPU cores. Measured: BENCHMARKS.md (f)
-# gives the machine, torch version, seeds and the range over runs (n=3 on 2026-12-01:
-# 93.6-95.3% top-1, 100% top-5 on the 360 val images, 60-67 s wall including start-up).
+# gives the machine, torch version, seeds and the range over runs (n=3 on 2026-12-08:
+# 93.6-95.3% top-1, 100% top-5 on the 360 val images, 39-41 s wall including start-up).
 # A fixed seed repeats bit for bit on one machine, not across machines or torch versions.
 # precision auto = fp32 on CPU; channels_last: HRNet-C's NHWC convolutions are faster on
 # CPU too (BENCHMARKS.md (a)). Shard paths are relative to the repository
