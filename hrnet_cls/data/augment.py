@@ -68,7 +68,7 @@ def seeded(seed: int, torch_too: bool = True) -> Iterator[None]:
     put back after, so its own streams (random erasing, mixup, dropout) do not see the draws; a worker's
     own streams serve nothing else."""
     main = get_worker_info() is None
-    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if main else None
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state() if torch_too else None) if main else None
     random.seed(seed)
     np.random.seed(seed % 2**32)
     if torch_too:
@@ -79,7 +79,8 @@ def seeded(seed: int, torch_too: bool = True) -> Iterator[None]:
         if saved is not None:
             random.setstate(saved[0])
             np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            if saved[2] is not None:
+                torch.set_rng_state(saved[2])
 
 
 def augment_crop(crop: torch.Tensor, transform: Callable[[Image.Image], Image.Image], seed: int) -> torch.Tensor:

@@ -157,7 +157,8 @@ def _open_tar(url: str) -> tarfile.TarFile:
 def count_samples(url: str, retries: int = RETRIES) -> int:
     """Samples (distinct consecutive keys) in one shard; of a damaged one, those wholly inside its readable part.
     A remote read that fails is retried, and after ``retries`` raises NetworkError: never a shorter count."""
-    for attempt in range(retries + 1):
+    attempt = 0
+    while True:
         try:
             return _count(url)
         except NetworkError as exc:
@@ -165,7 +166,7 @@ def count_samples(url: str, retries: int = RETRIES) -> int:
                 raise NetworkError(f"{exc} (counting its samples; {retries} retries failed)") from None
             logger.warning("%s; counting again, retry %d of %d", exc, attempt + 1, retries)
             time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
-    raise AssertionError("unreachable")
+            attempt += 1
 
 
 def _count(url: str) -> int:

@@ -265,12 +265,10 @@ class Checkpointer:
     def save_mid(self, parts: TrainParts, loader: TrainLoader, epoch: int, batch: int, step: int,
                  sums: EpochSums) -> None:
         """last.pth inside epoch ``epoch``, after ``batch`` of its batches; ``sums``: its totals so far."""
-        began = time.perf_counter()
-        self._save(parts, loader, Position(epoch, step, batch, epoch_sums=sums), None)
-        logger.info("saved last.pth at epoch %d, batch %d, step %d (%.3f s in the loop)", epoch, batch, step,
-                    time.perf_counter() - began)
+        spent = self._save(parts, loader, Position(epoch, step, batch, epoch_sums=sums), None)
+        logger.info("saved last.pth at epoch %d, batch %d, step %d (%.3f s in the loop)", epoch, batch, step, spent)
 
-    def _save(self, parts: TrainParts, loader: TrainLoader, at: Position, top1: float | None) -> None:
+    def _save(self, parts: TrainParts, loader: TrainLoader, at: Position, top1: float | None) -> float:
         """Every rank adds its RNG state and, mid-epoch, the samples it trained on; rank 0 writes."""
         began = time.perf_counter()
         mid = at.batch_in_epoch > 0
@@ -283,7 +281,9 @@ class Checkpointer:
                                 model_ema=parts.ema.module, scaler=parts.scaler, rng=[g[0] for g in gathered])
             self.write(state, epoch_end=not mid, top1=top1)
         self._last_save, self._asked = time.monotonic(), False
-        self.seconds += time.perf_counter() - began
+        spent = time.perf_counter() - began
+        self.seconds += spent
+        return spent
 
     def write(self, state: Mapping[str, Any], epoch_end: bool = True, top1: float | None = None) -> None:
         """Write last.pth; at an epoch end also epoch_XXXX.pth (XXXX = state["epoch"] - 1); best.pth

@@ -110,7 +110,7 @@ def build_parts(cfg: Config, info: DistInfo, net: nn.Module, precision: Precisio
                   switch_prob=t.mixup_switch_prob, mode=t.mixup_mode, label_smoothing=t.label_smoothing,
                   num_classes=cfg.model.num_classes) if t.mixup_alpha > 0 or t.cutmix_alpha > 0 else None
     erase = RandomErasing(d.re_prob, mode=d.re_mode, max_count=d.re_count, device=info.device) if d.re_prob else None
-    ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else getattr(model, "_orig_mod", None)
+    ddp = getattr(model, "_orig_mod", model)  # under torch.compile, the DDP wrapper inside it
     return TrainParts(
         model=model, net=net, criterion=_criterion(t, mixup is not None),
         optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.schedule, cfg.optim.lr),
